@@ -1,0 +1,123 @@
+"""The `lymph` command line. Typer commands only: each parses its options, imports its
+stage inside the function (so `lymph --help` never imports torch) and calls one library
+function. A :class:`~lymph.errors.LymphError` becomes a one-line message and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+
+from lymph.errors import LymphError
+
+app = typer.Typer(
+    name="lymph",
+    help="Reactive vs malignant lymphocytosis from blood-smear cell images and clinical data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handles_errors(fn: F) -> F:
+    """Turn LymphError into `error: ...` on stderr and exit code 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from lymph.console import setup_logging
+
+        setup_logging()
+        try:
+            return fn(*args, **kwargs)
+        except LymphError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _range(value: str, option: str) -> tuple[int, int]:
+    try:
+        a, _, b = value.partition(":")
+        lo, hi = int(a), int(b or a)
+    except ValueError:
+        raise LymphError(f"{option}: expected MIN:MAX (e.g. 8:24), got {value!r}") from None
+    return lo, hi
+
+
+def write_json(path: Path, obj: Any) -> None:
+    from lymph.atomic import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@app.command()
+@handles_errors
+def synth(
+    out_dir: Annotated[Path, typer.Argument(help="Folder to create (challenge layout).")],
+    patients: Annotated[int, typer.Option(help="Labelled (trainset) patients.")] = 40,
+    test_patients: Annotated[int, typer.Option(help="Unlabelled (testset, LABEL -1) patients.")] = 6,
+    images: Annotated[str, typer.Option(help="Images per patient, MIN:MAX.")] = "8:24",
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 224,
+    seed: Annotated[int, typer.Option(help="Random seed; fixes every pixel and value.")] = 0,
+) -> None:
+    """Write a synthetic dataset in the challenge layout (for the demo and the tests)."""
+    from lymph.data.synth import SynthConfig, make_synthetic
+
+    lo, hi = _range(images, "--images")
+    cfg = SynthConfig(patients=patients, test_patients=test_patients, images_min=lo,
+                      images_max=hi, size=size, seed=seed)
+    out = make_synthetic(out_dir, cfg)
+    typer.echo(f"wrote synthetic dataset to {out} ({patients} + {test_patients} patients)")
+
+
+@app.command()
+@handles_errors
+def ingest(
+    data_dir: Annotated[Path, typer.Argument(help="Challenge root or one split folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Image cache to write (CACHE.zarr).")],
+    size: Annotated[int, typer.Option(help="Side of the cached images (the report: 112).")] = 112,
+    crop: Annotated[Optional[int], typer.Option(help="Centre crop (source pixels) before resizing.")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the cache is up to date.")] = False,
+    strict: Annotated[bool, typer.Option(help="Unreadable images are errors, not warnings.")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding processes (default: all cores).")] = None,
+) -> None:
+    """Decode every image once into a Zarr image cache (stage one's input)."""
+    import time
+
+    from lymph.console import progress_bar
+    from lymph.data.cache import ingest as run_ingest
+
+    t0 = time.perf_counter()
+    with progress_bar("ingest", None) as update:
+        state = {"done": 0}
+
+        def progress(done: int, total: int) -> None:
+            update(advance=done - state["done"], total=total)
+            state["done"] = done
+
+        res = run_ingest(data_dir, out, size=size, crop=crop, force=force, strict=strict,
+                         workers=workers, progress=progress)
+    dt = time.perf_counter() - t0
+    if res.cached:
+        typer.echo(f"{res.path}: up to date ({res.n_images} images, {res.n_patients} patients); "
+                   "nothing to do (use --force to rebuild)")
+    else:
+        typer.echo(f"{res.path}: cached {res.n_images} images of {res.n_patients} patients "
+                   f"in {dt:.1f} s ({res.n_images / max(dt, 1e-9):.0f} images/s)"
+                   + (f", {len(res.skipped)} unreadable skipped" if res.skipped else ""))
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The decoded image cache (`lymph ingest`): every image decoded once, stored as Zarr v3.
+
+Layout (``docs/image-cache.md``, encoding-type ``lymph-image-cache``, version ``1``)::
+
+    CACHE.zarr/               group; attributes: encoding-type/-version, fingerprint,
+                              settings, channel_mean, channel_std, patients, paths
+      pixels                  uint8 (n_images, 3, size, size), chunks of CHUNK images
+      patient_ptr             int64 (n_patients + 1,)
+
+The folder is built under a temporary name and renamed when complete; the format
+attributes are stamped last. Decoding runs on all cores, each worker writing whole chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lymph.atomic import atomic_path, sha256_text
+from lymph.data.challenge import ChallengeData, clinical_features, read_challenge
+from lymph.data.images import UnreadableImage, decode_image
+from lymph.errors import LymphError
+
+log = logging.getLogger("lymph")
+
+ENCODING_TYPE = "lymph-image-cache"
+ENCODING_VERSION = "1"
+CHUNK = 256  # images per Zarr chunk: about 9.6 MB raw at 112 px
+
+
+@dataclass
+class ImageCache:
+    """An opened image cache. Pixels stay on disk; the index and table are in memory."""
+
+    path: Path
+    pixels: Any  # zarr.Array (n_images, 3, size, size) uint8
+    patient_ptr: np.ndarray
+    patients: list[dict[str, Any]]  # id, label, gender, dob, age, lymph_count, split
+    paths: list[str]
+    size: int
+    crop: int | None
+    channel_mean: np.ndarray  # (3,) on [0, 1]
+    channel_std: np.ndarray
+    fingerprint: str
+
+    @property
+    def n_images(self) -> int:
+        return int(self.patient_ptr[-1])
+
+    @property
+    def n_patients(self) -> int:
+        return len(self.patients)
+
+    @property
+    def ids(self) -> list[str]:
+        return [p["id"] for p in self.patients]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray([p["label"] for p in self.patients], dtype=np.int8)
+
+    def clinical(self) -> tuple[np.ndarray, list[str]]:
+        return clinical_features(
+            np.asarray([p["age"] for p in self.patients]),
+            np.asarray([p["lymph_count"] for p in self.patients]),
+            [p["gender"] for p in self.patients],
+        )
+
+    def image_patient(self) -> np.ndarray:
+        """Patient row of every image: ``(n_images,)`` int64."""
+        return np.repeat(np.arange(self.n_patients), np.diff(self.patient_ptr))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Pixels of images ``start:stop``: ``(stop - start, 3, size, size)`` uint8."""
+        return np.asarray(self.pixels[start:stop])
+
+    def read_all(self) -> np.ndarray:
+        return np.asarray(self.pixels[:])
+
+
+# ---- fingerprint ---------------------------------------------------------------------------
+def _file_entry(p: Path) -> str:
+    st = p.stat()
+    return f"{p}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def data_fingerprint(data: ChallengeData, settings: dict[str, Any]) -> str:
+    """Hash of the settings, the CSVs and every image file's path, size and mtime."""
+    csvs = sorted(str(p) for p in data.root.rglob("*.csv"))
+    parts = [json.dumps(settings, sort_keys=True)]
+    parts += [_file_entry(Path(c)) for c in csvs]
+    parts += [_file_entry(p) for p in data.image_paths()]
+    return sha256_text(*parts)
+
+
+# ---- workers -----------------------------------------------------------------------------
+def _decode_chunk(args: tuple[str, int, int, list[str], int, int | None]) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
+    """Decode images ``start:stop`` and write them straight into the Zarr array.
+
+    Returns the start index, per-image ok flags, per-channel sums (sum, sum of squares over
+    ok images, as float64 (2, 3)) and the messages of unreadable files.
+    """
+    import zarr
+
+    arr_path, start, stop, paths, size, crop = args
+    out = np.zeros((stop - start, 3, size, size), dtype=np.uint8)
+    ok = np.ones(stop - start, dtype=bool)
+    bad: list[str] = []
+    for k, p in enumerate(paths):
+        try:
+            out[k] = decode_image(p, size, crop)
+        except UnreadableImage as e:
+            ok[k] = False
+            bad.append(str(e))
+    zarr.open_array(arr_path, mode="r+")[start:stop] = out
+    x = out[ok].astype(np.float64) / 255.0
+    sums = np.stack([x.sum(axis=(0, 2, 3)), (x * x).sum(axis=(0, 2, 3))])
+    return start, ok, sums, bad
+
+
+# ---- ingest ------------------------------------------------------------------------------
+@dataclass
+class IngestResult:
+    path: Path
+    cached: bool  # True when an up-to-date cache was reused (no work done)
+    n_images: int
+    n_patients: int
+    skipped: list[str]
+
+
+def ingest(
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    size: int = 112,
+    crop: int | None = None,
+    force: bool = False,
+    strict: bool = False,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> IngestResult:
+    """Decode every image of ``data_dir`` once into a Zarr cache at ``out``.
+
+    Re-running on unchanged inputs and settings is a no-op (``cached=True``) unless
+    ``force``. Unreadable images are skipped with a warning (``strict``: an error); a
+    patient left with no readable image is an error. ``progress(done, total)`` is called
+    as chunks complete.
+    """
+    if size < 8 or size > 1024:
+        raise LymphError(f"--size: expected an image side between 8 and 1024 pixels, got {size}")
+    out = Path(out)
+    data = read_challenge(data_dir)
+    settings = {"size": size, "crop": crop, "format": ENCODING_VERSION}
+    fp = data_fingerprint(data, settings)
+    if out.exists() and not force:
+        try:
+            existing = open_cache(out)
+            if existing.fingerprint == fp:
+                return IngestResult(out, True, existing.n_images, existing.n_patients, [])
+        except LymphError:
+            pass
+    paths = [str(p) for p in data.image_paths()]
+    n = len(paths)
+    workers = workers or os.cpu_count() or 1
+    with atomic_path(out) as tmp:
+        import zarr
+        from zarr.codecs import BloscCodec
+
+        root = zarr.open_group(tmp, mode="w")
+        root.create_array(
+            "pixels", shape=(n, 3, size, size), dtype="uint8", chunks=(CHUNK, 3, size, size),
+            compressors=BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),
+        )
+        arr_path = str(tmp / "pixels")
+        jobs = [
+            (arr_path, s, min(s + CHUNK, n), paths[s : min(s + CHUNK, n)], size, crop)
+            for s in range(0, n, CHUNK)
+        ]
+        ok = np.ones(n, dtype=bool)
+        sums = np.zeros((2, 3))
+        bad: list[str] = []
+        done = 0
+        results: Any
+        if workers > 1 and len(jobs) > 1:
+            pool = get_context("fork").Pool(min(workers, len(jobs)))
+            results = pool.imap_unordered(_decode_chunk, jobs)
+        else:
+            pool = None
+            results = map(_decode_chunk, jobs)
+        try:
+            for start, ok_k, s_k, bad_k in results:
+                ok[start : start + len(ok_k)] = ok_k
+                sums += s_k
+                bad += bad_k
+                done += len(ok_k)
+                if progress:
+                    progress(done, n)
+        finally:
+            if pool is not None:
+                pool.terminate()
+        bad.sort()
+        if bad and strict:
+            raise LymphError(f"unreadable image(s) with --strict: {bad[0]}" + (
+                f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        for msg in bad:
+            log.warning("skipped unreadable image %s", msg)
+        ptr = data.patient_ptr()
+        if not ok.all():
+            for i, p in enumerate(data.patients):
+                if not ok[ptr[i] : ptr[i + 1]].any():
+                    raise LymphError(
+                        f"{data.root}: patient {p.id} has no readable image "
+                        f"({len(p.image_paths)} file(s), all unreadable)"
+                    )
+            _compact(tmp, ok, size)
+            keep_counts = np.add.reduceat(ok.astype(np.int64), ptr[:-1]) if n else np.zeros(0)
+            ptr = np.concatenate([[0], np.cumsum(keep_counts)]).astype(np.int64)
+            paths = [p for p, k in zip(paths, ok) if k]
+        n_ok = int(ok.sum())
+        mean = sums[0] / (n_ok * size * size)
+        std = np.sqrt(np.maximum(sums[1] / (n_ok * size * size) - mean**2, 0.0))
+        root.create_array("patient_ptr", data=ptr)
+        table = data.table()
+        patients = [
+            {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items() if k != "n_images"}
+            for row in table.to_dict(orient="records")
+        ]
+        root.attrs.update(
+            {
+                "fingerprint": fp,
+                "settings": settings,
+                "source": str(Path(data_dir).resolve()),
+                "channel_mean": mean.tolist(),
+                "channel_std": std.tolist(),
+                "patients": patients,
+                "paths": paths,
+                "n_skipped": len(bad),
+            }
+        )
+        # stamped last: an interrupted ingest never leaves a cache that opens as valid
+        root.attrs.update({"encoding-type": ENCODING_TYPE, "encoding-version": ENCODING_VERSION})
+    if bad:
+        log.warning("%d unreadable image(s) skipped", len(bad))
+    return IngestResult(out, False, n_ok, len(patients), bad)
+
+
+def _compact(folder: Path, ok: np.ndarray, size: int) -> None:
+    """Drop the rows of unreadable images from ``pixels`` (rare path: copy, then swap)."""
+    import shutil
+
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    src = zarr.open_array(folder / "pixels", mode="r")
+    keep = np.flatnonzero(ok)
+    dst = zarr.create_array(
+        folder / "pixels_ok", shape=(keep.size, 3, size, size), dtype="uint8",
+        chunks=(CHUNK, 3, size, size),
+        compressors=BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),
+    )
+    for s in range(0, keep.size, CHUNK):
+        dst[s : s + CHUNK] = src.get_orthogonal_selection((keep[s : s + CHUNK],))
+    shutil.rmtree(folder / "pixels")
+    os.rename(folder / "pixels_ok", folder / "pixels")
+
+
+def open_cache(path: str | Path) -> ImageCache:
+    """Open an image cache, checking its type, version and shapes."""
+    import zarr
+
+    path = Path(path)
+    if not path.is_dir():
+        raise LymphError(f"{path}: image cache not found (expected a folder made by `lymph ingest`)")
+    try:
+        root = zarr.open_group(path, mode="r")
+        attrs = dict(root.attrs)
+    except Exception as e:  # zarr raises several types for a broken folder
+        raise LymphError(f"{path}: not a readable Zarr image cache ({type(e).__name__}: {e})") from None
+    etype, ever = attrs.get("encoding-type"), attrs.get("encoding-version")
+    if etype != ENCODING_TYPE:
+        raise LymphError(
+            f"{path}: attribute 'encoding-type': expected {ENCODING_TYPE!r}, got {etype!r} "
+            "(not an image cache, or an incomplete one)"
+        )
+    if ever != ENCODING_VERSION:
+        raise LymphError(
+            f"{path}: attribute 'encoding-version' is {ever!r}; this lymph reads "
+            f"{ENCODING_VERSION!r}. Upgrade lymph, or rebuild with `lymph ingest --force`."
+        )
+    try:
+        pixels = root["pixels"]
+        ptr = np.asarray(root["patient_ptr"][:], dtype=np.int64)
+    except (KeyError, FileNotFoundError) as e:
+        raise LymphError(f"{path}: missing array {e} in image cache") from None
+    settings = attrs["settings"]
+    size = int(settings["size"])
+    patients, paths = attrs["patients"], attrs["paths"]
+    if (
+        pixels.dtype != np.uint8 or tuple(pixels.shape[1:]) != (3, size, size)
+        or ptr.shape != (len(patients) + 1,) or ptr[0] != 0
+        or ptr[-1] != pixels.shape[0] or len(paths) != pixels.shape[0]
+    ):
+        raise LymphError(
+            f"{path}: inconsistent image cache: pixels {pixels.dtype} {pixels.shape}, "
+            f"patient_ptr {ptr.shape}, {len(patients)} patients, {len(paths)} paths"
+        )
+    return ImageCache(
+        path=path, pixels=pixels, patient_ptr=ptr, patients=patients, paths=paths, size=size,
+        crop=settings.get("crop"), channel_mean=np.asarray(attrs["channel_mean"]),
+        channel_std=np.asarray(attrs["channel_std"]), fingerprint=attrs["fingerprint"],
+    )

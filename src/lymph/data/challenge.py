@@ -1,0 +1,304 @@
+"""Reading the DLMI challenge layout: patient table and per-patient image paths.
+
+Accepted inputs (see ``docs/data-format.md``):
+
+- a challenge root: ``trainset/`` with ``trainset_true.csv`` and/or ``testset/`` with
+  ``testset_data.csv`` (any one CSV per split folder), each with ``P<id>/NNNNNN.jpg`` folders;
+- a single split folder: one CSV plus the patient folders.
+
+CSV columns ``ID,LABEL,GENDER,DOB,LYMPH_COUNT`` (an unnamed leading pandas index column, as
+in ``clinical_annotation.csv``, is dropped). DOB is parsed by its separator, never guessed:
+``M/D/YYYY`` with ``/``, ``DD-MM-YYYY`` with ``-`` (``YYYY-MM-DD`` is accepted too).
+Ages are whole-and-fractional years at :data:`REFERENCE_DATE`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lymph.errors import LymphError
+
+log = logging.getLogger("lymph")
+
+REQUIRED_COLUMNS = ("ID", "LABEL", "GENDER", "DOB", "LYMPH_COUNT")
+#: Ages are computed at this fixed date so that a patient's features never drift with the
+#: day a model is run. The challenge data were collected before it.
+REFERENCE_DATE = dt.date(2022, 1, 1)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+CLINICAL_COLUMNS = ("age", "log_lymph_count", "gender_male")
+_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+_SPLIT_CSV_PREFERENCE = ("trainset_true.csv", "testset_data.csv")
+
+
+@dataclass
+class Patient:
+    id: str
+    label: int
+    gender: str  # "M" or "F"
+    dob: dt.date
+    lymph_count: float
+    split: str
+    image_paths: list[Path] = field(default_factory=list)
+
+    @property
+    def age(self) -> float:
+        return (REFERENCE_DATE - self.dob).days / 365.25
+
+
+@dataclass
+class ChallengeData:
+    """The patients of a challenge root or split folder, in CSV order (splits: train, test)."""
+
+    root: Path
+    patients: list[Patient]
+
+    def __len__(self) -> int:
+        return len(self.patients)
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.id for p in self.patients]
+
+    @property
+    def n_images(self) -> int:
+        return sum(len(p.image_paths) for p in self.patients)
+
+    def image_paths(self) -> list[Path]:
+        """All image paths, patient after patient, each patient's in file order."""
+        return [path for p in self.patients for path in p.image_paths]
+
+    def patient_ptr(self) -> np.ndarray:
+        sizes = [len(p.image_paths) for p in self.patients]
+        return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def table(self):  # -> pandas.DataFrame
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "id": [p.id for p in self.patients],
+                "label": [p.label for p in self.patients],
+                "gender": [p.gender for p in self.patients],
+                "dob": [p.dob.isoformat() for p in self.patients],
+                "age": [round(p.age, 4) for p in self.patients],
+                "lymph_count": [p.lymph_count for p in self.patients],
+                "split": [p.split for p in self.patients],
+                "n_images": [len(p.image_paths) for p in self.patients],
+            }
+        )
+
+
+def clinical_features(
+    age: np.ndarray, lymph_count: np.ndarray, gender: list[str] | np.ndarray
+) -> tuple[np.ndarray, list[str]]:
+    """The clinical feature matrix written to stores: age, log lymph count, gender (M = 1)."""
+    x = np.stack(
+        [
+            np.asarray(age, dtype=np.float64),
+            np.log(np.asarray(lymph_count, dtype=np.float64)),
+            np.asarray([1.0 if g == "M" else 0.0 for g in gender]),
+        ],
+        axis=1,
+    ).astype(np.float32)
+    return x, list(CLINICAL_COLUMNS)
+
+
+# ---- parsing one field at a time ----------------------------------------------------------
+def parse_dob(value: str, where: str) -> dt.date:
+    """Parse a DOB by its separator: ``M/D/YYYY``, ``DD-MM-YYYY`` or ``YYYY-MM-DD``."""
+    s = str(value).strip()
+    try:
+        if "/" in s:
+            m, d, y = (int(x) for x in s.split("/"))
+        elif "-" in s:
+            a, b, c = s.split("-")
+            if len(a) == 4:
+                y, m, d = int(a), int(b), int(c)
+            else:
+                d, m, y = int(a), int(b), int(c)
+        else:
+            raise ValueError
+        if y < 1000:
+            raise ValueError
+        date = dt.date(y, m, d)
+    except ValueError:
+        raise LymphError(
+            f"{where}, field DOB: {s!r} is not a date in M/D/YYYY or DD-MM-YYYY format"
+        ) from None
+    if date > dt.date.today():
+        raise LymphError(f"{where}, field DOB: {s!r} lies in the future")
+    return date
+
+
+def parse_lymph_count(value: str, where: str) -> float:
+    s = str(value).strip()
+    try:
+        x = float(s)
+    except ValueError:
+        raise LymphError(
+            f"{where}, field LYMPH_COUNT: {s!r} is not a number (expected lymphocytes in 10^9/L)"
+        ) from None
+    if not math.isfinite(x) or x <= 0:
+        raise LymphError(
+            f"{where}, field LYMPH_COUNT: {s!r} must be a positive number (lymphocytes in 10^9/L)"
+        )
+    return x
+
+
+def parse_label(value: str, where: str) -> int:
+    s = str(value).strip()
+    try:
+        f = float(s)
+        if f != int(f):
+            raise ValueError
+        label = int(f)
+    except ValueError:
+        label = None
+    if label not in (0, 1, -1):
+        raise LymphError(
+            f"{where}, field LABEL: {s!r} is not one of 1 (malignant), 0 (reactive), -1 (unknown)"
+        )
+    return label
+
+
+def parse_gender(value: str, where: str) -> str:
+    s = str(value).strip().upper()
+    if s not in ("M", "F"):
+        raise LymphError(f"{where}, field GENDER: {value!r} is not M or F")
+    return s
+
+
+def check_patient_id(value: str, where: str) -> str:
+    s = str(value).strip()
+    if not _ID_RE.match(s) or ".." in s:
+        raise LymphError(
+            f"{where}, field ID: {s!r} is not a plain patient name "
+            "(letters, digits, '_', '-', '.'; no path separators or '..')"
+        )
+    return s
+
+
+# ---- files ------------------------------------------------------------------------------
+def _read_csv_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        # Spreadsheet exports in latin-1 (sometimes behind a UTF-8 BOM): decode, drop the BOM.
+        text = raw.decode("latin-1")
+        text = text.removeprefix("\u00ef\u00bb\u00bf")
+        log.warning("%s: not UTF-8; read as latin-1", path)
+    return text.lstrip("\ufeff")
+
+
+def read_split_csv(csv_path: Path, split: str) -> list[Patient]:
+    """Parse one split CSV into patients (without images)."""
+    import pandas as pd
+
+    if not csv_path.is_file():
+        raise LymphError(f"{csv_path}: CSV file not found")
+    try:
+        df = pd.read_csv(
+            io.StringIO(_read_csv_text(csv_path)), dtype=str, keep_default_na=False
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise LymphError(f"{csv_path}: not a readable CSV ({e})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    unnamed = [c for c in df.columns if c == "" or c.startswith("Unnamed:")]
+    df = df.drop(columns=unnamed)
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise LymphError(
+            f"{csv_path}: missing required column(s) {', '.join(missing)} "
+            f"(expected header {','.join(REQUIRED_COLUMNS)})"
+        )
+    patients: list[Patient] = []
+    seen: dict[str, int] = {}
+    for i, row in enumerate(df.itertuples(index=False), start=2):  # line 1 is the header
+        r = row._asdict()
+        where = f"{csv_path}, line {i}"
+        pid = check_patient_id(r["ID"], where)
+        where = f"{csv_path}, line {i} (patient {pid})"
+        if pid in seen:
+            raise LymphError(f"{where}, field ID: duplicate patient id (first on line {seen[pid]})")
+        seen[pid] = i
+        patients.append(
+            Patient(
+                id=pid,
+                label=parse_label(r["LABEL"], where),
+                gender=parse_gender(r["GENDER"], where),
+                dob=parse_dob(r["DOB"], where),
+                lymph_count=parse_lymph_count(r["LYMPH_COUNT"], where),
+                split=split,
+            )
+        )
+    return patients
+
+
+def _find_csv(folder: Path) -> Path:
+    csvs = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".csv" and p.is_file())
+    for name in _SPLIT_CSV_PREFERENCE:
+        if folder / name in csvs:
+            return folder / name
+    if len(csvs) == 1:
+        return csvs[0]
+    if not csvs:
+        raise LymphError(
+            f"{folder}: no CSV found (expected one CSV with columns {','.join(REQUIRED_COLUMNS)})"
+        )
+    raise LymphError(f"{folder}: several CSVs ({', '.join(p.name for p in csvs)}); expected one")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of a patient folder in file-name order (hidden files ignored)."""
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+
+
+def read_split_folder(folder: Path, split: str | None = None) -> list[Patient]:
+    split = split or folder.name
+    patients = read_split_csv(_find_csv(folder), split)
+    known = {p.id for p in patients}
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and not entry.name.startswith(".") and entry.name not in known:
+            log.warning("%s: patient folder with no CSV row; ignored", entry)
+    for p in patients:
+        pdir = folder / p.id
+        if not pdir.is_dir():
+            raise LymphError(f"{folder}: patient {p.id} is in the CSV but has no image folder {pdir}")
+        p.image_paths = list_images(pdir)
+        if not p.image_paths:
+            raise LymphError(f"{pdir}: patient {p.id} has no images (expected NNNNNN.jpg files)")
+    return patients
+
+
+def read_challenge(path: str | Path) -> ChallengeData:
+    """Read a challenge root or a single split folder. Raises :class:`LymphError`."""
+    root = Path(path)
+    if not root.is_dir():
+        raise LymphError(f"{root}: data folder not found")
+    splits = [d for d in ("trainset", "testset") if (root / d).is_dir()]
+    patients: list[Patient] = []
+    if splits:
+        for s in splits:
+            patients += read_split_folder(root / s, s)
+    else:
+        patients = read_split_folder(root, root.name)
+    ids: dict[str, str] = {}
+    for p in patients:
+        if p.id in ids:
+            raise LymphError(f"{root}: patient {p.id} appears in both {ids[p.id]} and {p.split}")
+        ids[p.id] = p.split
+    if not patients:
+        raise LymphError(f"{root}: no patients found")
+    return ChallengeData(root=root, patients=patients)

@@ -1,0 +1,365 @@
+"""The embedding store: the feature store between stage one and stage two.
+
+One HDF5 file holds every image's feature vector, grouped by patient (CSR layout), the
+patient table and the clinical features. The format is specified in
+``docs/store-format.md`` (encoding-type ``lymph-embeddings``, encoding-version ``1``); this
+module holds its constants, the writer, the checking reader and the Python API::
+
+    from lymph.store import open_store
+    s = open_store("artifacts/dev.h5")
+    s.bag("P26")            # (n_images_of_P26, dim) float32
+    s.embeddings, s.patient_ptr, s.ids, s.labels, s.clinical   # everything, in memory
+
+Stores are small (10,850 x 60 float32 is 2.6 MB) so the reader loads everything at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lymph.atomic import atomic_path, sha256_file
+from lymph.errors import LymphError
+
+ENCODING_TYPE = "lymph-embeddings"
+ENCODING_VERSION = "1"
+SUPPORTED_VERSIONS = ("1",)
+
+_STR = None  # h5py string dtype, created lazily (h5py import is cheap but keep module light)
+
+
+def _str_dtype() -> Any:
+    import h5py
+
+    return h5py.string_dtype("utf-8")
+
+
+@dataclass
+class EmbeddingStore:
+    """An embedding store loaded in memory. Build with :func:`open_store`.
+
+    Required content (format 1): ``embeddings`` (n_images, dim) float32, ``patient_ptr``
+    (n_patients + 1,) int64, ``ids``, ``labels`` (1, 0, -1 = unknown), ``clinical``
+    (n_patients, n_features) float32 and ``clinical_columns``. The rest is optional and
+    ``None`` / empty when the file does not carry it.
+    """
+
+    path: Path | None
+    embeddings: np.ndarray
+    patient_ptr: np.ndarray
+    ids: np.ndarray
+    labels: np.ndarray
+    clinical: np.ndarray
+    clinical_columns: list[str]
+    feature_columns: list[str] | None = None
+    image_paths: np.ndarray | None = None
+    patient_scorer: np.ndarray | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    # ---- shape helpers -------------------------------------------------------------
+    @property
+    def n_patients(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def n_images(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def bag_sizes(self) -> np.ndarray:
+        return np.diff(self.patient_ptr)
+
+    def __len__(self) -> int:
+        return self.n_patients
+
+    def index_of(self, patient_id: str) -> int:
+        hits = np.flatnonzero(self.ids == patient_id)
+        if hits.size == 0:
+            where = self.path if self.path is not None else "the store"
+            raise LymphError(f"{where}: no patient with id {patient_id!r}")
+        return int(hits[0])
+
+    def bag(self, patient: str | int) -> np.ndarray:
+        """Embeddings of one patient, by id or row index: ``(n_images_of_patient, dim)``."""
+        i = self.index_of(patient) if isinstance(patient, str) else int(patient)
+        return self.embeddings[self.patient_ptr[i] : self.patient_ptr[i + 1]]
+
+    def bag_image_paths(self, patient: str | int) -> list[str] | None:
+        if self.image_paths is None:
+            return None
+        i = self.index_of(patient) if isinstance(patient, str) else int(patient)
+        return [str(p) for p in self.image_paths[self.patient_ptr[i] : self.patient_ptr[i + 1]]]
+
+    def labelled(self) -> np.ndarray:
+        """Row indices of patients with a known label (0 or 1)."""
+        return np.flatnonzero(self.labels >= 0)
+
+    def subset(self, rows: np.ndarray | list[int]) -> EmbeddingStore:
+        """A new in-memory store with the given patient rows, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        sizes = self.bag_sizes[rows]
+        ptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        take = (
+            np.concatenate([np.arange(self.patient_ptr[r], self.patient_ptr[r + 1]) for r in rows])
+            if rows.size
+            else np.zeros(0, dtype=np.int64)
+        )
+        return EmbeddingStore(
+            path=self.path,
+            embeddings=self.embeddings[take],
+            patient_ptr=ptr,
+            ids=self.ids[rows],
+            labels=self.labels[rows],
+            clinical=self.clinical[rows],
+            clinical_columns=list(self.clinical_columns),
+            feature_columns=self.feature_columns,
+            image_paths=None if self.image_paths is None else self.image_paths[take],
+            patient_scorer=None if self.patient_scorer is None else self.patient_scorer[rows],
+            provenance=dict(self.provenance),
+            fingerprint=self.fingerprint,
+        )
+
+    def patients_frame(self) -> Any:
+        """The patient table as a pandas DataFrame (id, label, n_images, clinical columns)."""
+        import pandas as pd
+
+        df = pd.DataFrame({"id": self.ids, "label": self.labels, "n_images": self.bag_sizes})
+        for j, c in enumerate(self.clinical_columns):
+            df[c] = self.clinical[:, j]
+        return df
+
+
+# ---- writer ------------------------------------------------------------------------------
+def write_store(
+    path: str | os.PathLike[str],
+    *,
+    embeddings: np.ndarray,
+    patient_ptr: np.ndarray,
+    ids: list[str] | np.ndarray,
+    labels: np.ndarray | list[int],
+    clinical: np.ndarray | None = None,
+    clinical_columns: list[str] | None = None,
+    feature_columns: list[str] | None = None,
+    image_paths: list[str] | np.ndarray | None = None,
+    patient_scorer: np.ndarray | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write a format-1 store atomically (temporary file, then rename) and return its path.
+
+    The result is byte-identical for identical inputs (no timestamps are recorded).
+    """
+    import h5py
+
+    path = Path(path)
+    emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    ptr = np.asarray(patient_ptr, dtype=np.int64)
+    ids_arr = np.asarray([str(i) for i in ids], dtype=object)
+    lab = np.asarray(labels, dtype=np.int8)
+    n_pat = ids_arr.shape[0]
+    if clinical is None:
+        clinical = np.zeros((n_pat, 0), dtype=np.float32)
+    clin = np.ascontiguousarray(clinical, dtype=np.float32)
+    cols = list(clinical_columns or [])
+    _check_arrays(
+        str(path), emb, ptr, ids_arr, lab, clin, cols, feature_columns,
+        image_paths, patient_scorer,
+    )
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False) as f:
+            chunk_rows = max(1, min(emb.shape[0], max(1, (1 << 18) // max(1, emb.shape[1] * 4))))
+            d = f.create_dataset(
+                "embeddings", data=emb, chunks=(chunk_rows, max(1, emb.shape[1])) if emb.size else None,
+                compression="gzip" if emb.size else None, shuffle=bool(emb.size),
+                fletcher32=bool(emb.size), track_times=False,
+            )
+            d.attrs["sha256"] = hashlib.sha256(emb.tobytes()).hexdigest()
+            if feature_columns is not None:
+                d.attrs["columns"] = np.asarray(feature_columns, dtype=_str_dtype())
+            f.create_dataset("patient_ptr", data=ptr, track_times=False)
+            g = f.create_group("patients")
+            g.create_dataset("id", data=ids_arr, dtype=_str_dtype(), track_times=False)
+            g.create_dataset("label", data=lab, track_times=False)
+            c = g.create_dataset("clinical", data=clin, track_times=False)
+            c.attrs["columns"] = np.asarray(cols, dtype=_str_dtype())
+            if patient_scorer is not None:
+                g.create_dataset(
+                    "scorer", data=np.asarray(patient_scorer, dtype=np.int16), track_times=False
+                )
+            if image_paths is not None:
+                im = f.create_group("images")
+                im.create_dataset(
+                    "path", data=np.asarray([str(p) for p in image_paths], dtype=object),
+                    dtype=_str_dtype(), track_times=False,
+                )
+            if provenance:
+                f.attrs["provenance"] = json.dumps(provenance, sort_keys=True, default=str)
+            # Stamped last: a file interrupted before this line never opens as a store.
+            f.attrs["encoding-type"] = ENCODING_TYPE
+            f.attrs["encoding-version"] = ENCODING_VERSION
+    return path
+
+
+def _check_arrays(
+    where: str,
+    emb: np.ndarray,
+    ptr: np.ndarray,
+    ids: np.ndarray,
+    lab: np.ndarray,
+    clin: np.ndarray,
+    cols: list[str],
+    feature_columns: list[str] | None,
+    image_paths: Any,
+    patient_scorer: Any,
+) -> None:
+    def bad(field_: str, expected: str, got: Any) -> LymphError:
+        return LymphError(f"{where}: {field_}: expected {expected}, got {got}")
+
+    if emb.ndim != 2:
+        raise bad("/embeddings", "a 2-d array (n_images, dim)", f"shape {emb.shape}")
+    n_pat = ids.shape[0]
+    if ptr.ndim != 1 or ptr.shape[0] != n_pat + 1:
+        raise bad("/patient_ptr", f"shape ({n_pat + 1},) for {n_pat} patients", f"shape {ptr.shape}")
+    if ptr[0] != 0 or ptr[-1] != emb.shape[0] or np.any(np.diff(ptr) < 0):
+        raise bad(
+            "/patient_ptr",
+            f"non-decreasing offsets from 0 to n_images={emb.shape[0]}",
+            f"{ptr[:3].tolist()}...{ptr[-1:].tolist()}",
+        )
+    if lab.shape != (n_pat,):
+        raise bad("/patients/label", f"shape ({n_pat},)", f"shape {lab.shape}")
+    if not np.isin(lab, (-1, 0, 1)).all():
+        raise bad("/patients/label", "values in {1, 0, -1}", sorted(set(lab.tolist())))
+    if len(set(ids.tolist())) != n_pat:
+        raise bad("/patients/id", "unique patient ids", "duplicates")
+    if clin.ndim != 2 or clin.shape[0] != n_pat:
+        raise bad("/patients/clinical", f"shape ({n_pat}, n_features)", f"shape {clin.shape}")
+    if len(cols) != clin.shape[1]:
+        raise bad(
+            "/patients/clinical attribute 'columns'",
+            f"{clin.shape[1]} names", f"{len(cols)} names",
+        )
+    if feature_columns is not None and len(feature_columns) != emb.shape[1]:
+        raise bad("/embeddings attribute 'columns'", f"{emb.shape[1]} names", len(feature_columns))
+    if image_paths is not None and len(image_paths) != emb.shape[0]:
+        raise bad("/images/path", f"{emb.shape[0]} paths", len(image_paths))
+    if patient_scorer is not None and np.asarray(patient_scorer).shape != (n_pat,):
+        raise bad("/patients/scorer", f"shape ({n_pat},)", np.asarray(patient_scorer).shape)
+
+
+# ---- reader ------------------------------------------------------------------------------
+def open_store(path: str | os.PathLike[str]) -> EmbeddingStore:
+    """Open, check and load a store. Raises :class:`LymphError` saying what is wrong."""
+    import h5py
+
+    path = Path(path)
+    where = str(path)
+    if not path.is_file():
+        raise LymphError(f"{where}: no such store file (expected an HDF5 embedding store)")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise LymphError(f"{where}: not a readable HDF5 file ({e}); expected an embedding store") from None
+    try:
+        with f:
+            etype = _attr_str(f.attrs.get("encoding-type"))
+            ever = _attr_str(f.attrs.get("encoding-version"))
+            if etype != ENCODING_TYPE:
+                raise LymphError(
+                    f"{where}: root attribute 'encoding-type': expected {ENCODING_TYPE!r}, "
+                    f"got {etype!r} (not a lymph embedding store, or an incomplete one)"
+                )
+            if ever not in SUPPORTED_VERSIONS:
+                raise LymphError(
+                    f"{where}: root attribute 'encoding-version' is {ever!r}; this lymph reads "
+                    f"versions {', '.join(SUPPORTED_VERSIONS)}. Upgrade lymph to read it."
+                )
+            return _read_v1(f, path)
+    except LymphError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise LymphError(f"{where}: corrupted or malformed store ({type(e).__name__}: {e})") from None
+
+
+def _attr_str(v: Any) -> str | None:
+    if v is None:
+        return None
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, np.ndarray) and v.shape == ():
+        v = v.item()
+    return str(v)
+
+
+def _required(f: Any, name: str, where: str) -> Any:
+    if name not in f:
+        raise LymphError(f"{where}: missing required dataset /{name}")
+    return f[name]
+
+
+def _strings(ds: Any) -> np.ndarray:
+    raw = ds[()]
+    return np.asarray(
+        [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in np.ravel(raw)], dtype=object
+    )
+
+
+def _read_v1(f: Any, path: Path) -> EmbeddingStore:
+    where = str(path)
+    e = _required(f, "embeddings", where)
+    if e.dtype != np.float32 or e.ndim != 2:
+        raise LymphError(f"{where}: /embeddings: expected float32 (n_images, dim), got {e.dtype} {e.shape}")
+    emb = e[()]
+    digest = e.attrs.get("sha256")
+    if digest is not None and hashlib.sha256(emb.tobytes()).hexdigest() != _attr_str(digest):
+        raise LymphError(f"{where}: /embeddings: content does not match its sha256 (file corrupted)")
+    p = _required(f, "patient_ptr", where)
+    if p.dtype.kind not in "iu" or p.ndim != 1:
+        raise LymphError(f"{where}: /patient_ptr: expected int64 (n_patients + 1,), got {p.dtype} {p.shape}")
+    ptr = p[()].astype(np.int64)
+    ids = _strings(_required(f, "patients/id", where))
+    ld = _required(f, "patients/label", where)
+    if ld.dtype.kind not in "iu":
+        raise LymphError(f"{where}: /patients/label: expected int8, got {ld.dtype}")
+    lab = ld[()].astype(np.int8)
+    cd = _required(f, "patients/clinical", where)
+    if cd.dtype.kind != "f" or cd.ndim != 2:
+        raise LymphError(f"{where}: /patients/clinical: expected float32 (n_patients, n_features), got {cd.dtype} {cd.shape}")
+    clin = cd[()].astype(np.float32)
+    cols_attr = cd.attrs.get("columns")
+    if cols_attr is None:
+        if clin.shape[1] != 0:
+            raise LymphError(f"{where}: /patients/clinical: missing attribute 'columns' (the feature names)")
+        cols: list[str] = []
+    else:
+        cols = [c.decode() if isinstance(c, bytes) else str(c) for c in np.ravel(cols_attr)]
+    fcols_attr = e.attrs.get("columns")
+    fcols = None if fcols_attr is None else [
+        c.decode() if isinstance(c, bytes) else str(c) for c in np.ravel(fcols_attr)
+    ]
+    paths = _strings(f["images/path"]) if "images/path" in f else None
+    scorer = f["patients/scorer"][()].astype(np.int16) if "patients/scorer" in f else None
+    prov_raw = _attr_str(f.attrs.get("provenance"))
+    try:
+        prov = json.loads(prov_raw) if prov_raw else {}
+    except json.JSONDecodeError:
+        raise LymphError(f"{where}: root attribute 'provenance' is not valid JSON") from None
+    _check_arrays(where, emb, ptr, ids, lab, clin, cols, fcols, paths, scorer)
+    return EmbeddingStore(
+        path=path, embeddings=emb, patient_ptr=ptr, ids=ids, labels=lab, clinical=clin,
+        clinical_columns=cols, feature_columns=fcols, image_paths=paths, patient_scorer=scorer,
+        provenance=prov, fingerprint=sha256_file(path),
+    )
+
+
+load_store = open_store
