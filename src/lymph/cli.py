@@ -115,6 +115,90 @@ def ingest(
                    + (f", {len(res.skipped)} unreadable skipped" if res.skipped else ""))
 
 
+# ---- lymph embed (stage one) -----------------------------------------------------------------
+@app.command()
+@handles_errors
+def embed(
+    out: Annotated[Path, typer.Option("--out", help="Embedding store to write (STORE.h5).")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Challenge data to ingest first (reuses a valid cache).")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Image cache made by `lymph ingest` (CACHE.zarr).")] = None,
+    method: Annotated[str, typer.Option(help="ae (train the autoencoder) or morphometry (no training).")] = "ae",
+    dim: Annotated[int, typer.Option(help="Embedding size d_enc (the report: 60).")] = 60,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 40).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (default 128).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default 1e-3).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed; fixes every result on the CPU.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    encoder: Annotated[Optional[Path], typer.Option(help="Trained checkpoint: embed only, with its preprocessing.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted training from its last epoch checkpoint.")] = False,
+    size: Annotated[int, typer.Option(help="Image side when ingesting --data (with --encoder: the encoder's).")] = 112,
+    cache: Annotated[Optional[Path], typer.Option(help="Where --data is ingested (default: beside the store).")] = None,
+) -> None:
+    """Train the stage-one encoder (unless --encoder) and embed every image into the store.
+
+    Runs under `torchrun --nproc_per_node N` too (DDP; rank 0 writes)."""
+    from lymph.encoder.embed import run_embed
+
+    s = run_embed(out=out, data=data, images=images, method=method, dim=dim, epochs=epochs,
+                  batch_size=batch_size, lr=lr, seed=seed, device=device, encoder=encoder,
+                  resume=resume, size=size, cache=cache)
+    if not s.is_main:
+        return
+    if data is not None:
+        typer.echo(f"image cache {s.cache}" + (" (up to date, reused)" if s.cache_reused else " (ingested)"))
+    if s.trained_epochs or s.losses:
+        typer.echo(f"trained {method} for {s.trained_epochs} epoch(s) in {s.train_seconds:.0f} s "
+                   f"({s.train_images_per_s:.0f} images/s, {s.world} process(es)); "
+                   f"final loss {s.losses[-1]:.5f}")
+        typer.echo(f"saved encoder checkpoint to {s.checkpoint}")
+        if s.loss_curve:
+            typer.echo(f"saved loss curve to {s.loss_curve}")
+    elif s.checkpoint is not None:
+        typer.echo(f"using encoder {s.checkpoint}")
+    typer.echo(f"wrote {s.store}: {s.n_images} embeddings of dim {s.dim} for {s.n_patients} patients"
+               + (f" (embedding {s.embed_seconds:.1f} s)" if s.embed_seconds else ""))
+
+
+# ---- lymph store ... (combine and inspect embedding stores) ---------------------------------
+store_app = typer.Typer(help="Combine and inspect embedding stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+
+
+@store_app.command("concat")
+@handles_errors
+def store_concat(
+    stores: Annotated[list[Path], typer.Argument(help="Stores of the same images (2 or more).")],
+    out: Annotated[Path, typer.Option("--out", help="Combined store to write (.h5).")],
+) -> None:
+    """Put the feature blocks of several stores side by side in one store."""
+    from lymph.store import open_store
+    from lymph.store_ops import concat_stores
+
+    path = concat_stores(list(stores), out)
+    s = open_store(path)
+    blocks = ", ".join(f"{src['prefix']} ({src['dim']})" for src in s.provenance["sources"])
+    typer.echo(f"wrote {path}: {s.n_images} images of {s.n_patients} patients, dim {s.dim} = {blocks}")
+
+
+@store_app.command("info")
+@handles_errors
+def store_info(
+    store: Annotated[Path, typer.Argument(help="Embedding store (.h5).")],
+) -> None:
+    """Print a store's patients, images, dimension, method, columns and provenance."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lymph.store_ops import store_summary
+
+    table = Table(title=str(store), show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in store_summary(store).items():
+        table.add_row(key, value if isinstance(value, str) else json.dumps(value, sort_keys=True))
+    Console(width=120).print(table)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

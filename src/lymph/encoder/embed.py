@@ -1,0 +1,305 @@
+"""The embedding pass: every cached image through a trained encoder, into the store.
+
+Eval mode, no augmentation, fp32, in cache order. Under torchrun each rank embeds its
+round-robin share of the cache's blocks, the blocks are gathered on rank 0 and put back
+in order, and rank 0 writes the store (so the store is the same as a single process's).
+
+Public API (the stage-two ``predict --data`` uses :func:`embed_dataset`)::
+
+    embed_cache(cache, encoder, out, device="auto") -> Path
+    embed_dataset(data_dir, encoder, out, *, work_dir=None, device="auto") -> Path
+    run_embed(...)  # what `lymph embed` does: ingest, train or load, embed
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import lymph
+from lymph.atomic import sha256_file
+from lymph.data.cache import ImageCache, ingest, open_cache
+from lymph.encoder import distributed as D
+from lymph.encoder.checkpoint import load_checkpoint
+from lymph.encoder.methods import Preprocess, get_method
+from lymph.errors import LymphError
+
+log = logging.getLogger("lymph")
+
+EMBED_BATCH = 256  # images per forward pass (one cache chunk); memory ~ 40 MB at 112 px
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    """Where `lymph embed --out STORE.h5` keeps its encoder: ``STORE.encoder.pt``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.encoder.pt")
+
+
+def loss_curve_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}.encoder.loss.png")
+
+
+def default_cache_path(out: str | Path, size: int, work_dir: str | Path | None = None) -> Path:
+    """``<work_dir or out's folder>/<out stem>.images-<size>px.zarr``."""
+    out = Path(out)
+    return Path(work_dir or out.parent) / f"{out.stem}.images-{size}px.zarr"
+
+
+# ---- features ----------------------------------------------------------------------------
+def compute_features(model: torch.nn.Module, method: Any, cache: ImageCache, prep: Preprocess,
+                     env: D.DistEnv, *, batch_size: int = EMBED_BATCH,
+                     progress: bool = True) -> np.ndarray | None:
+    """``(n_images, D)`` float32 on rank 0 (``None`` elsewhere), in cache order."""
+    from lymph.console import progress_bar
+
+    chunk = int(cache.pixels.chunks[0])
+    bl = D.blocks(cache.n_images, env.world, chunk)
+    mine = D.shard(list(enumerate(bl)), env)
+    local: list[tuple[int, np.ndarray]] = []
+    model.eval()
+    with torch.no_grad(), progress_bar("embed", sum(b - a for _, (a, b) in mine),
+                                       enabled=progress and env.is_main) as update:
+        for i, (a, b) in mine:
+            px = cache.read(a, b)
+            outs = []
+            for s in range(0, len(px), batch_size):
+                x = torch.from_numpy(px[s : s + batch_size]).to(env.device, non_blocking=True)
+                outs.append(method.features(model, prep(x)).float().cpu().numpy())
+                update(advance=len(x))
+            local.append((i, np.concatenate(outs).astype(np.float32)))
+    return D.gather_blocks(env, local)
+
+
+def load_encoder(encoder: str | Path, device: torch.device) -> tuple[dict[str, Any], Any, torch.nn.Module]:
+    """(checkpoint, method, model in eval mode on ``device``) from a checkpoint file."""
+    ck = load_checkpoint(encoder)
+    method = get_method(ck["method"])
+    mcfg = method.config_cls.from_dict(ck["model_config"])
+    model = method.build(mcfg)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise LymphError(f"{encoder}: weights do not fit the {ck['method']} model in it ({str(e)[:200]})") from None
+    model = model.to(device).to(memory_format=torch.channels_last).eval()
+    return ck, method, model
+
+
+def embed_cache(cache: ImageCache, encoder: str | Path, out: str | Path, device: str = "auto", *,
+                env: D.DistEnv | None = None, progress: bool = True) -> Path:
+    """Embed every image of ``cache`` with the checkpoint ``encoder``; write the store ``out``.
+
+    Uses the checkpoint's normalisation; the cache must have the image size and crop the
+    encoder was trained with (:func:`embed_dataset` ingests accordingly).
+    """
+    out = Path(out)
+    encoder = Path(encoder)
+    own_env = env is None
+    env = env or D.setup(device)
+    try:
+        ck, method, model = load_encoder(encoder, env.device)
+        want = ck["cache"]
+        if cache.size != want["size"] or cache.crop != want.get("crop"):
+            raise LymphError(
+                f"{cache.path}: images are {cache.size} px (crop {cache.crop}), the encoder "
+                f"{encoder} was trained on {want['size']} px (crop {want.get('crop')}); "
+                f"re-ingest with --size {want['size']}"
+                + (f" --crop {want['crop']}" if want.get("crop") else "")
+            )
+        norm = ck["normalisation"]
+        prep = Preprocess(norm["mean"], norm["std"], env.device, channels_last=True)
+        feats = compute_features(model, method, cache, prep, env, progress=progress)
+        if env.is_main:
+            assert feats is not None
+            write_embedding_store(cache, feats, out, {
+                "method": ck["method"],
+                "encoder_checkpoint": str(encoder.resolve()),
+                "encoder_sha256": sha256_file(encoder),
+                "encoder_data_fingerprint": ck["data_fingerprint"],
+                "config": {k: ck.get(k) for k in ("model_config", "train_config",
+                                                  "normalisation", "cache", "precision")},
+                "dim": int(feats.shape[1]),
+                "epochs": int(ck.get("epoch", 0)),
+                "final_loss": float(ck["losses"][-1]) if ck.get("losses") else None,
+            })
+        D.barrier(env)
+        return out
+    finally:
+        if own_env:
+            D.teardown(env)
+
+
+def write_embedding_store(cache: ImageCache, feats: np.ndarray, out: Path,
+                          provenance: dict[str, Any]) -> Path:
+    """The store of ``feats`` (one row per cached image) with the cache's patient table."""
+    from lymph.store import write_store
+
+    clin, cols = cache.clinical()
+    prov = {"data_fingerprint": cache.fingerprint, "lymph_version": lymph.__version__, **provenance}
+    return write_store(
+        out, embeddings=feats, patient_ptr=cache.patient_ptr, ids=cache.ids,
+        labels=cache.labels, clinical=clin, clinical_columns=cols, image_paths=cache.paths,
+        provenance=prov,
+    )
+
+
+def embed_dataset(data_dir: str | Path, encoder: str | Path, out: str | Path, *,
+                  work_dir: str | Path | None = None, device: str = "auto") -> Path:
+    """Ingest ``data_dir`` the way ``encoder`` was trained (image size, crop) into
+    ``work_dir`` (default: beside ``out``), then embed it into the store ``out``."""
+    ck = load_checkpoint(encoder)
+    size, crop = int(ck["cache"]["size"]), ck["cache"].get("crop")
+    cache_path = default_cache_path(out, size, work_dir)
+    ingest(data_dir, cache_path, size=size, crop=crop)
+    return embed_cache(open_cache(cache_path), encoder, out, device)
+
+
+# ---- `lymph embed` -----------------------------------------------------------------------
+@dataclass
+class EmbedSummary:
+    store: Path | None
+    is_main: bool
+    n_images: int = 0
+    n_patients: int = 0
+    dim: int = 0
+    cache: Path | None = None
+    cache_reused: bool = False
+    checkpoint: Path | None = None
+    loss_curve: Path | None = None
+    trained_epochs: int = 0
+    losses: list[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+    train_images_per_s: float = 0.0
+    embed_seconds: float = 0.0
+    world: int = 1
+
+
+def run_embed(
+    *,
+    out: str | Path,
+    data: str | Path | None = None,
+    images: str | Path | None = None,
+    method: str = "ae",
+    dim: int = 60,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    encoder: str | Path | None = None,
+    resume: bool = False,
+    size: int = 112,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> EmbedSummary:
+    """What ``lymph embed`` does: get the cache (ingesting ``data`` if given), train the
+    encoder unless ``encoder`` is given, then embed every image into the store ``out``."""
+    from lymph.encoder.train import TrainConfig, train
+
+    out = Path(out)
+    if (data is None) == (images is None):
+        raise LymphError("give exactly one of --data DATA_DIR or --images CACHE.zarr")
+    if encoder is not None and resume:
+        raise LymphError("--resume continues a training; with --encoder nothing is trained")
+    if out.suffix.lower() not in (".h5", ".hdf5"):
+        raise LymphError(f"--out {out}: expected an HDF5 store path ending in .h5")
+    if method == "morphometry":
+        if encoder is not None:
+            raise LymphError("--method morphometry computes features without an encoder; drop --encoder")
+    else:
+        get_method(method)  # unknown names fail before any work
+    env = D.setup(device)
+    try:
+        summary = EmbedSummary(store=None, is_main=env.is_main, world=env.world)
+        ck_in = load_checkpoint(encoder) if encoder is not None else None
+        if ck_in is not None:
+            size, crop = int(ck_in["cache"]["size"]), ck_in["cache"].get("crop")
+        else:
+            crop = None
+        if data is not None:
+            cache_path = Path(cache) if cache else default_cache_path(out, size)
+            reused = False
+            if env.is_main:
+                reused = _ingest_with_progress(data, cache_path, size, crop, progress)
+            D.barrier(env)
+            summary.cache, summary.cache_reused = cache_path, reused
+        else:
+            cache_path = Path(images)  # type: ignore[arg-type]
+            summary.cache, summary.cache_reused = cache_path, True
+        c = open_cache(cache_path)
+        summary.n_images, summary.n_patients = c.n_images, c.n_patients
+        if method == "morphometry":
+            summary.dim = _morphometry(c, out, env)
+            summary.store = out
+            return summary
+        if encoder is None:
+            m = get_method(method)
+            mcfg = m.config_cls(dim=dim, size=c.size)
+            tcfg = TrainConfig(seed=seed)
+            if epochs is not None:
+                tcfg.epochs = epochs
+            if batch_size is not None:
+                tcfg.batch_size = batch_size
+            if lr is not None:
+                tcfg.lr = lr
+            ckp = checkpoint_path(out)
+            res = train(c, ckp, method=method, model_config=mcfg, config=tcfg, resume=resume,
+                        env=env, progress=progress, loss_curve=loss_curve_path(out))
+            encoder = ckp
+            summary.checkpoint, summary.loss_curve = ckp, res.loss_curve
+            summary.trained_epochs, summary.losses = res.epochs_run, res.losses
+            summary.train_seconds, summary.train_images_per_s = res.seconds, res.images_per_s
+        else:
+            summary.checkpoint = Path(encoder)
+        t0 = time.perf_counter()
+        embed_cache(c, encoder, out, env=env, progress=progress)
+        summary.embed_seconds = time.perf_counter() - t0
+        summary.store = out
+        if env.is_main:
+            from lymph.store import open_store
+
+            summary.dim = open_store(out).dim
+        return summary
+    finally:
+        D.teardown(env)
+
+
+def _ingest_with_progress(data: str | Path, cache_path: Path, size: int, crop: int | None,
+                          progress: bool) -> bool:
+    from lymph.console import progress_bar
+
+    with progress_bar("ingest", None, enabled=progress) as update:
+        state = {"done": 0}
+
+        def step(done: int, total: int) -> None:
+            update(advance=done - state["done"], total=total)
+            state["done"] = done
+
+        return ingest(data, cache_path, size=size, crop=crop, progress=step).cached
+
+
+def _morphometry(cache: ImageCache, out: Path, env: D.DistEnv) -> int:
+    """``--method morphometry``: hand-crafted features, no training (rank 0 only)."""
+    try:
+        from lymph.encoder.morphometry import write_morphometry_store
+    except ModuleNotFoundError as e:
+        if e.name != "lymph.encoder.morphometry":
+            raise
+        raise LymphError(
+            "--method morphometry: not available in this installation "
+            "(module lymph.encoder.morphometry is missing); use --method ae"
+        ) from None
+    dim = 0
+    if env.is_main:
+        from lymph.store import open_store
+
+        write_morphometry_store(cache, out)
+        dim = open_store(out).dim
+    D.barrier(env)
+    return dim

@@ -1,0 +1,126 @@
+"""The convolutional autoencoder of stage one (after the seed report).
+
+Input ``(B, 3, S, S)`` normalised images (S = 112 by default, any multiple of 8 works).
+The encoder is three strided 3x3 convolutions (16/32/64 channels, each halving the side)
+and a linear layer to ``dim`` (the report's ``d_enc``, default 60); the decoder mirrors it
+with a linear layer and three transposed convolutions. Trained with mean squared error on
+the normalised pixels, so the decoder ends without an activation.
+
+Cost per 112 px image (multiply-adds, forward): encoder 9.3 M, decoder 9.3 M; a training
+step (forward + backward) is about 3x the forward: 112 MFLOP per image. See
+:func:`train_flops_per_image`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lymph.errors import LymphError
+
+
+@dataclass
+class AEConfig:
+    """Architecture of :class:`ConvAutoencoder` (stored whole in the checkpoint)."""
+
+    dim: int = 60  # d_enc: the embedding size (the report tried 45, 60, 75, 100, 125)
+    size: int = 112  # input side in pixels; must be divisible by 2 ** len(channels)
+    channels: tuple[int, ...] = (16, 32, 64)  # encoder conv widths (the report's)
+    kernel: int = 3
+
+    def check(self) -> None:
+        if self.dim < 1:
+            raise LymphError(f"--dim: expected a positive embedding size, got {self.dim}")
+        f = 2 ** len(self.channels)
+        if self.size % f or self.size < f:
+            raise LymphError(
+                f"image size {self.size}: the autoencoder needs a side divisible by {f} "
+                f"(e.g. 32, 64, 112); re-ingest with --size"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AEConfig:
+        d = dict(d)
+        d["channels"] = tuple(d.get("channels", (16, 32, 64)))
+        return cls(**d)
+
+
+class ConvAutoencoder(nn.Module):
+    """``forward(x)`` returns the reconstruction; ``encode(x)`` the ``(B, dim)`` embedding."""
+
+    def __init__(self, config: AEConfig) -> None:
+        super().__init__()
+        config.check()
+        self.config = config
+        k, pad = config.kernel, config.kernel // 2
+        chans = (3, *config.channels)
+        enc: list[nn.Module] = []
+        for cin, cout in zip(chans[:-1], chans[1:]):
+            enc += [nn.Conv2d(cin, cout, k, stride=2, padding=pad), nn.ReLU(inplace=True)]
+        self.features = nn.Sequential(*enc)  # (B, 3, S, S) -> (B, C, S/8, S/8)
+        self.side = config.size // 2 ** len(config.channels)
+        flat = chans[-1] * self.side * self.side  # 64 * 14 * 14 = 12,544 at 112 px
+        self.to_code = nn.Linear(flat, config.dim)
+        self.from_code = nn.Linear(config.dim, flat)
+        dec: list[nn.Module] = []
+        rev = chans[::-1]
+        for i, (cin, cout) in enumerate(zip(rev[:-1], rev[1:])):
+            dec.append(nn.ConvTranspose2d(cin, cout, k, stride=2, padding=pad, output_padding=1))
+            if i < len(rev) - 2:
+                dec.append(nn.ReLU(inplace=True))
+        self.decoder = nn.Sequential(*dec)  # (B, C, S/8, S/8) -> (B, 3, S, S)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, S, S)`` normalised -> ``(B, dim)``."""
+        return self.to_code(self.features(x).flatten(1))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``(B, dim)`` -> ``(B, 3, S, S)`` reconstruction (normalised space)."""
+        h = torch.relu(self.from_code(z)).unflatten(1, (-1, self.side, self.side))
+        return self.decoder(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def forward_flops_per_image(model: nn.Module, size: int) -> float:
+    """FLOPs (2 x multiply-adds) of one forward pass over one image, conv and linear
+    layers only (activations and the loss are negligible), counted with forward hooks."""
+    total = [0.0]
+
+    def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+        if isinstance(mod, nn.Linear):
+            total[0] += 2.0 * mod.in_features * mod.out_features
+        elif isinstance(mod, nn.Conv2d):
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            total[0] += 2.0 * out[0].numel() * mod.in_channels // mod.groups * k
+        elif isinstance(mod, nn.ConvTranspose2d):
+            # every input pixel scatters in_channels x out_channels x k x k products
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            total[0] += 2.0 * inp[0][0].numel() * mod.out_channels // mod.groups * k
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            model(torch.zeros(1, 3, size, size))
+            model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
+    return total[0]
+
+
+def train_flops_per_image(model: nn.Module, size: int) -> float:
+    """Training FLOPs per image: forward x 3 (backward is about twice the forward)."""
+    return 3.0 * forward_flops_per_image(model, size)

@@ -1,0 +1,149 @@
+"""Patient-level cross-validation for any estimator of the stage-two contract.
+
+    folds = make_folds(store.labels, folds=5, repeats=5, seed=0)
+    cv = cross_validate(lambda: MILClassifier(pooling="mean"), store, folds)
+    summarise(cv)   # {"balanced_accuracy": {"mean": .., "std": ..}, ...}
+
+Folds are stratified k-fold over the labelled patients, one independent shuffle per repeat
+(``StratifiedKFold(shuffle=True, random_state=seed + repeat)``), so every model compared
+with the same ``(labels, folds, repeats, seed)`` sees exactly the same splits. Each fold
+fits a fresh estimator on ``store.subset(train_rows)`` and scores ``store.subset(test_rows)``
+at the estimator's own ``threshold_``. Metrics come from ``sklearn.metrics``; the mean and
+standard deviation are over all ``folds x repeats`` folds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lymph.errors import LymphError
+
+METRICS = ("balanced_accuracy", "accuracy", "f1", "roc_auc", "pr_auc")
+
+Fold = tuple[int, int, np.ndarray, np.ndarray]  # (repeat, fold, train_rows, test_rows)
+
+
+def make_folds(labels: np.ndarray, folds: int = 5, repeats: int = 1, seed: int = 0) -> list[Fold]:
+    """Stratified patient-level folds over the labelled rows (labels 0/1; -1 left out).
+
+    Rows are store row indices. Repeat ``r`` shuffles with ``seed + r``.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels)
+    rows = np.flatnonzero(labels >= 0)
+    y = labels[rows]
+    if folds < 2:
+        raise LymphError(f"--folds: expected at least 2, got {folds}")
+    if repeats < 1:
+        raise LymphError(f"--repeats: expected at least 1, got {repeats}")
+    least = int(np.bincount(y.astype(np.int64), minlength=2).min()) if rows.size else 0
+    if least < folds:
+        raise LymphError(f"labels: {folds}-fold stratified CV needs at least {folds} patients "
+                         f"of each class, the smaller class has {least}")
+    out: list[Fold] = []
+    for r in range(repeats):
+        skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + r)
+        for k, (tr, te) in enumerate(skf.split(rows, y)):
+            out.append((r, k, rows[tr], rows[te]))
+    return out
+
+
+def metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
+    """Balanced accuracy, accuracy and F1 of ``p >= threshold``; ROC and PR AUC of ``p``."""
+    from sklearn import metrics as m
+
+    pred = (p >= threshold).astype(int)
+    two = np.unique(y).size == 2
+    return {
+        "balanced_accuracy": float(m.balanced_accuracy_score(y, pred)),
+        "accuracy": float(m.accuracy_score(y, pred)),
+        "f1": float(m.f1_score(y, pred, zero_division=0)),
+        "roc_auc": float(m.roc_auc_score(y, p)) if two else float("nan"),
+        "pr_auc": float(m.average_precision_score(y, p)) if two else float("nan"),
+    }
+
+
+@dataclass
+class FoldResult:
+    repeat: int
+    fold: int
+    train_rows: np.ndarray
+    test_rows: np.ndarray
+    threshold: float
+    metrics: dict[str, float]
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. best_epoch for MIL models
+
+
+@dataclass
+class CVResult:
+    """Per-fold results and out-of-fold P(malignant): ``oof[r, row]`` (NaN if unscored)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    folds: list[FoldResult]
+    oof: np.ndarray  # (repeats, n_patients) float64
+    oof_threshold: np.ndarray  # (repeats, n_patients): threshold of the fold that scored it
+    oof_fold: np.ndarray  # (repeats, n_patients) int, -1 if unscored
+    seconds: float
+
+    @property
+    def repeats(self) -> int:
+        return int(self.oof.shape[0])
+
+    def oof_rows(self) -> list[dict[str, Any]]:
+        """One record per (patient, repeat) scored out of fold: the OOF CSV's rows."""
+        out = []
+        for r in range(self.repeats):
+            for i in np.flatnonzero(self.oof_fold[r] >= 0):
+                p, t = float(self.oof[r, i]), float(self.oof_threshold[r, i])
+                out.append({"id": str(self.ids[i]), "label": int(self.labels[i]), "repeat": r,
+                            "fold": int(self.oof_fold[r, i]), "probability": p,
+                            "threshold": t, "predicted": int(p >= t)})
+        return out
+
+
+def cross_validate(make_model: Callable[[], Any], store: Any, folds_list: list[Fold],
+                   progress: Callable[[int, int], None] | None = None) -> CVResult:
+    """Fit ``make_model()`` on each fold's training patients, score its test patients."""
+    if not folds_list:
+        raise LymphError("cross_validate: no folds (empty selection)")
+    repeats = max(f[0] for f in folds_list) + 1
+    n = store.n_patients
+    oof = np.full((repeats, n), np.nan)
+    oof_t = np.full((repeats, n), np.nan)
+    oof_f = np.full((repeats, n), -1, dtype=np.int64)
+    results = []
+    t_all = time.perf_counter()
+    for k, (r, f, tr, te) in enumerate(folds_list):
+        t0 = time.perf_counter()
+        model = make_model().fit(store.subset(tr))
+        p = np.asarray(model.predict_proba(store.subset(te)))[:, 1]
+        thr = float(getattr(model, "threshold_", 0.5))
+        y = store.labels[te].astype(np.int64)
+        info = {a: getattr(model, a + "_") for a in ("best_epoch", "epochs_run")
+                if hasattr(model, a + "_")}
+        results.append(FoldResult(r, f, tr, te, thr, metrics(y, p, thr),
+                                  time.perf_counter() - t0, info))
+        oof[r, te], oof_t[r, te], oof_f[r, te] = p, thr, f
+        if progress is not None:
+            progress(k + 1, len(folds_list))
+    return CVResult(ids=store.ids, labels=store.labels, folds=results, oof=oof,
+                    oof_threshold=oof_t, oof_fold=oof_f, seconds=time.perf_counter() - t_all)
+
+
+def summarise(cv: CVResult) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation (ddof 0) of each metric over all folds."""
+    out = {}
+    for name in METRICS:
+        v = np.array([fr.metrics[name] for fr in cv.folds], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        out[name] = {"mean": float(v.mean()) if v.size else float("nan"),
+                     "std": float(v.std()) if v.size else float("nan")}
+    return out
