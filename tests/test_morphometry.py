@@ -125,4 +125,5 @@ def test_many_chunks_in_parallel_match_serial(synth_cache: Path, tmp_path: Path,
 
     cache = cache_mod.open_cache(synth_cache)
     monkeypatch.setattr(cache_mod, "CHUNK", 16)  # several jobs, so the pool really runs
-    assert np.array_equal(compute_morphometry(cache, workers=2), compute_morphometry(cache, workers=1))
+    serial = compute_morphometry(cache, workers=1)
+    assert np.array_equal(compute_morphometry(cache, workers=2), serial)

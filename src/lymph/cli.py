@@ -124,7 +124,7 @@ def embed(
     images: Annotated[Optional[Path], typer.Option("--images", help="Image cache made by `lymph ingest` (CACHE.zarr).")] = None,
     method: Annotated[str, typer.Option(help="ae (train the autoencoder) or morphometry (no training).")] = "ae",
     dim: Annotated[int, typer.Option(help="Embedding size d_enc (the report: 60).")] = 60,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 40).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 20).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (default 128).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default 1e-3).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed; fixes every result on the CPU.")] = 0,
@@ -177,7 +177,8 @@ def store_concat(
     path = concat_stores(list(stores), out)
     s = open_store(path)
     blocks = ", ".join(f"{src['prefix']} ({src['dim']})" for src in s.provenance["sources"])
-    typer.echo(f"wrote {path}: {s.n_images} images of {s.n_patients} patients, dim {s.dim} = {blocks}")
+    typer.echo(f"wrote {path}: {s.n_images} images of {s.n_patients} patients, "
+               f"dim {s.dim} = {blocks}")
 
 
 @store_app.command("info")
@@ -197,6 +198,158 @@ def store_info(
     for key, value in store_summary(store).items():
         table.add_row(key, value if isinstance(value, str) else json.dumps(value, sort_keys=True))
     Console(width=120).print(table)
+
+
+# ---- lymph fit-head / predict (stage two) ----------------------------------------------------
+@app.command("fit-head")
+@handles_errors
+def fit_head(
+    store: Annotated[Path, typer.Option("--store", help="Embedding store (STORE.h5).")],
+    pooling: Annotated[str, typer.Option(help="attention, gated, mean or max.")] = "attention",
+    folds: Annotated[int, typer.Option(help="Stratified patient-level folds.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Repeats of the k-fold CV (seed + r each).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of folds, inner splits, weights, batches.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Model directory to write (final model on all labelled patients).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Metrics JSON to write.")] = None,
+    oof: Annotated[Optional[Path], typer.Option("--oof", help="Out-of-fold probabilities CSV (default: beside --json; always in MODEL_DIR/cv/).")] = None,
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="PR curve PNG (default: beside --json; always in MODEL_DIR/cv/).")] = None,
+    no_clinical: Annotated[bool, typer.Option("--no-clinical", help="Images only.")] = False,
+    no_images: Annotated[bool, typer.Option("--no-images", help="Clinical-only MLP.")] = False,
+    threshold: Annotated[str, typer.Option(help="'inner' (max balanced accuracy on the inner validation split) or a number, e.g. 0.5.")] = "inner",
+    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on the inner split).")] = 100,
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 15,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay (L2).")] = 1e-4,
+    dropout: Annotated[float, typer.Option(help="Dropout in the MLP.")] = 0.25,
+    batch_size: Annotated[int, typer.Option(help="Patients per step.")] = 32,
+    attention_hidden: Annotated[int, typer.Option(help="Attention hidden size.")] = 128,
+    threads: Annotated[int, typer.Option(help="Torch threads (1 is fastest for this small head).")] = 1,
+    fusion: Annotated[str, typer.Option(help="concat (pooled images + clinical -> MLP) or late (pooled image score + clinical -> logistic regression; ignores the MLP options).")] = "concat",
+) -> None:
+    """Cross-validate a MIL head (pooling + clinical MLP) on a store; save the final model."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lymph.console import progress_bar
+    from lymph.head.fit import fit_head as run_fit_head
+
+    with progress_bar("fit-head", folds * repeats) as update:
+        res = run_fit_head(
+            store, pooling=pooling, folds=folds, repeats=repeats, seed=seed, out=out,
+            json_path=json_out, oof_path=oof, plot_path=plot, progress=lambda d, t: update(),
+            clinical=not no_clinical, images=not no_images, threshold=threshold,
+            max_epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay,
+            dropout=dropout, batch_size=batch_size, attention_hidden=attention_hidden,
+            n_threads=threads, fusion=fusion)
+    r = res.report
+    table = Table(title=f"{r['model']}: {folds}-fold x {repeats}, {r['n_patients']} patients, "
+                        f"{r['seconds']:.1f} s", min_width=64)
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("std", justify="right")
+    for m in ("balanced_accuracy", "accuracy", "f1", "roc_auc", "pr_auc"):
+        table.add_row(m, f"{r[m]['mean']:.3f}", f"{r[m]['std']:.3f}")
+    Console(width=100).print(table)
+    for name, path in res.outputs.items():
+        typer.echo(f"wrote {name}: {path}")
+
+
+@app.command()
+@handles_errors
+def predict(
+    model: Annotated[Path, typer.Option("--model", help="Model directory from `lymph fit-head --out`.")],
+    out: Annotated[Path, typer.Option("--out", help="Predictions CSV (id, probability, predicted).")],
+    store: Annotated[Optional[Path], typer.Option("--store", help="Embedding store made with the model's encoder.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Challenge root or split folder: embedded with the model's encoder first.")] = None,
+    submission: Annotated[Optional[Path], typer.Option("--submission", help="Challenge submission CSV (Id,Predicted).")] = None,
+    select: Annotated[str, typer.Option(help="Patients to predict: all, labelled or unlabelled.")] = "all",
+    device: Annotated[str, typer.Option(help="Device for embedding --data: auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Predict patients with a saved model; per-image attention goes to PRED.attention.csv."""
+    from lymph.head.predict import predict as run_predict
+
+    res = run_predict(model, out, store=store, data=data, submission=submission, select=select,
+                      device=device)
+    n_pos = int(res.predicted.sum())
+    typer.echo(f"predicted {len(res.ids)} patients ({n_pos} malignant at threshold "
+               f"{res.threshold:.3f})")
+    for name, path in res.outputs.items():
+        typer.echo(f"wrote {name}: {path}")
+
+
+# ---- lymph compare-baselines / explain (the run report) ---------------------------------------
+@app.command("compare-baselines")
+@handles_errors
+def compare_baselines(
+    store: Annotated[Path, typer.Option("--store", help="Embedding store (STORE.h5).")],
+    folds: Annotated[int, typer.Option(help="Stratified patient-level folds.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Repeats of the k-fold CV (seed + r each).")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the folds and of every model.")] = 0,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report folder: report.md, ROC/PR PNGs, montages, oof.csv, comparison.json.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="JSON list of rows (model + the keys of fit-head --json).")] = None,
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated subset, e.g. adaboost,attention+clinical,late-fusion (default: all).")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Image cache for the montages (default: the image files named in the store).")] = None,
+    montages: Annotated[bool, typer.Option(help="Montages of the misclassified patients in the report.")] = True,
+) -> None:
+    """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lymph.compare import run_compare
+    from lymph.console import progress_bar
+
+    n_models = len(models.split(",")) if models else 10
+    with progress_bar("compare-baselines", n_models * folds * repeats) as update:
+        res, outputs = run_compare(store, folds=folds, repeats=repeats, seed=seed, out=out,
+                                   json_path=json_out, models=models, images=images,
+                                   montages=montages, progress=lambda n, d, t: update())
+    table = Table(title=f"{folds}-fold x {repeats}, {res.n_patients} patients, same folds for "
+                        f"all; {res.seconds:.1f} s")
+    table.add_column("model")
+    table.add_column("inputs")
+    for m in ("balanced accuracy", "F1", "ROC AUC", "PR AUC"):
+        table.add_column(m, justify="right")
+    table.add_column("s", justify="right")
+    for m in res.ranked():
+        s = m.summary
+        table.add_row(m.name, m.spec.inputs,
+                      *(f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}"
+                        for k in ("balanced_accuracy", "f1", "roc_auc", "pr_auc")),
+                      f"{m.cv.seconds:.1f}")
+    Console(width=130).print(table)
+    if res.paired:
+        p = res.paired[0]
+        b, r = p["balanced_accuracy"], p["roc_auc"]
+        typer.echo(f"paired: {p['model']} - {p['baseline']}: balanced accuracy "
+                   f"{b['mean_difference']:+.3f} (won/tied/lost {b['won']}/{b['tied']}/{b['lost']}), "
+                   f"ROC AUC {r['mean_difference']:+.3f} ({r['won']}/{r['tied']}/{r['lost']})")
+    for note in res.notes:
+        typer.echo(f"note: {note}")
+    for name, path in outputs.items():
+        typer.echo(f"wrote {name}: {path}")
+
+
+@app.command()
+@handles_errors
+def explain(
+    patient: Annotated[str, typer.Argument(help="Patient id, e.g. P26.")],
+    model: Annotated[Path, typer.Option("--model", help="Model directory from `lymph fit-head --out`.")],
+    store: Annotated[Optional[Path], typer.Option("--store", help="Embedding store holding the patient.")] = None,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Challenge data: embedded the model's way first.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default ./PATIENT.explain.png).")] = None,
+    k: Annotated[int, typer.Option("--k", help="Cells shown at each end (top k and bottom k).")] = 8,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Image cache for the pixels (default: the image files named in the store).")] = None,
+) -> None:
+    """Montage of a patient's cells ordered by attention weight, with the prediction."""
+    from lymph.report.explain import explain as run_explain
+
+    e = run_explain(patient, model, store=store, data=data, out=out, k=k, cache=images)
+    typer.echo(f"{e.patient}: P(malignant) {e.probability:.3f}, threshold {e.threshold:.3f} -> "
+               f"{'malignant' if e.predicted else 'reactive'}; {e.clinical}")
+    for j in e.top:
+        dev = ", ".join(f"{c} {z:+.1f}" for c, z in e.deviations.get(j, []))
+        typer.echo(f"  cell #{j}: {e.weight_name}={e.weights[j]:.4g}" + (f"; deviates: {dev}" if dev else ""))
+    typer.echo(f"wrote {e.out}")
 
 
 def main() -> None:  # pragma: no cover

@@ -58,7 +58,8 @@ def _check_same_images(first: EmbeddingStore, other: EmbeddingStore) -> None:
     if first.image_paths is not None and other.image_paths is not None:
         if not np.array_equal(other.image_paths, first.image_paths):
             k = int(np.flatnonzero(other.image_paths != first.image_paths)[0])
-            raise bad("/images/path", f"image {k}: {other.image_paths[k]!r} vs {first.image_paths[k]!r}")
+            raise bad("/images/path",
+                      f"image {k}: {other.image_paths[k]!r} vs {first.image_paths[k]!r}")
 
 
 def concat_stores(paths: list[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
@@ -81,11 +82,15 @@ def concat_stores(paths: list[str | os.PathLike[str]], out: str | os.PathLike[st
     first = stores[0]
     for s in stores[1:]:
         _check_same_images(first, s)
-    used: set[str] = set()
+    # prefixes already taken inside earlier concats, so new blocks never clash with them
+    used: set[str] = {
+        str(src.get("prefix")) for s in stores if s.provenance.get("method") == "concat"
+        for src in s.provenance.get("sources", [])
+    }
     cols: list[str] = []
     sources: list[dict[str, Any]] = []
     for k, s in enumerate(stores):
-        prefix = _prefix(s, k, used)
+        prefix = "concat" if s.provenance.get("method") == "concat" else _prefix(s, k, used)
         block = _columns(s, prefix)
         sources.append({"path": str(s.path), "sha256": s.fingerprint, "prefix": prefix,
                         "dim": s.dim, "columns": [len(cols), len(cols) + s.dim],
@@ -119,8 +124,10 @@ def store_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
         "malignant / reactive / unknown": f"{int((lab == 1).sum())} / {int((lab == 0).sum())} / "
                                           f"{int((lab == -1).sum())}",
         "images": s.n_images,
-        "images per patient": (f"{int(s.bag_sizes.min())} to {int(s.bag_sizes.max())} "
-                               f"(median {float(np.median(s.bag_sizes)):g})") if s.n_patients else "-",
+        "images per patient": (
+            f"{int(s.bag_sizes.min())} to {int(s.bag_sizes.max())} "
+            f"(median {float(np.median(s.bag_sizes)):g})" if s.n_patients else "-"
+        ),
         "dim": s.dim,
         "method": prov.get("method", "?"),
         "clinical columns": ", ".join(s.clinical_columns) or "-",
@@ -131,9 +138,9 @@ def store_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
         if key in prov:
             summary[f"provenance.{key}"] = prov[key]
     for k, src in enumerate(prov.get("sources", [])):
-        summary[f"source {k}"] = (f"{src.get('prefix')}: {src.get('provenance', {}).get('method', '?')}"
-                                  f" dim {src.get('dim')} ({src.get('path')}, sha256 "
-                                  f"{str(src.get('sha256', ''))[:12]})")
+        method = src.get("provenance", {}).get("method", "?")
+        summary[f"source {k}"] = (f"{src.get('prefix')}: {method} dim {src.get('dim')} "
+                                  f"({src.get('path')}, sha256 {str(src.get('sha256', ''))[:12]})")
     return summary
 
 

@@ -116,12 +116,18 @@ def broadcast_object(env: DistEnv, obj: Any) -> Any:
     return box[0]
 
 
-def blocks(n: int, world: int, chunk: int) -> list[tuple[int, int]]:
+def blocks(n: int, world: int, chunk: int, align: int = 1) -> list[tuple[int, int]]:
     """Cut ``n`` images into contiguous blocks: whole cache chunks when there are enough
-    of them for every rank, otherwise ``ceil(n / world)`` images (tiny data sets)."""
+    of them for every rank, otherwise ``ceil(n / world)`` images rounded up to a multiple
+    of ``align`` (tiny data sets). Block starts are multiples of ``align`` when ``chunk``
+    is."""
     if n == 0:
         return []
-    size = chunk if n >= chunk * world else max(1, -(-n // world))
+    if n >= chunk * world:
+        size = chunk
+    else:
+        size = max(1, -(-n // world))
+        size = -(-size // align) * align
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 

@@ -14,6 +14,7 @@ Public API (the stage-two ``predict --data`` uses :func:`embed_dataset`)::
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,10 @@ from lymph.errors import LymphError
 
 log = logging.getLogger("lymph")
 
-EMBED_BATCH = 256  # images per forward pass (one cache chunk); memory ~ 40 MB at 112 px
+# Images per forward pass. The batches are aligned on the global image index (a block
+# starts at a multiple of it), so a sharded run forwards exactly the same batches as a
+# single process and gives the same values. 64 is as fast as 256 on a CPU.
+EMBED_BATCH = 64
 
 
 def checkpoint_path(out: str | Path) -> Path:
@@ -60,7 +64,8 @@ def compute_features(model: torch.nn.Module, method: Any, cache: ImageCache, pre
     from lymph.console import progress_bar
 
     chunk = int(cache.pixels.chunks[0])
-    bl = D.blocks(cache.n_images, env.world, chunk)
+    batch_size = math.gcd(batch_size, chunk)  # batches never straddle a block boundary
+    bl = D.blocks(cache.n_images, env.world, chunk, align=batch_size)
     mine = D.shard(list(enumerate(bl)), env)
     local: list[tuple[int, np.ndarray]] = []
     model.eval()

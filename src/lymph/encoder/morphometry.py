@@ -120,7 +120,8 @@ def _nucleus_mask(rgb: np.ndarray, score: np.ndarray, t_nucleus: float) -> np.nd
     return np.asarray(ndi.binary_fill_holes(lab == keep))
 
 
-def _cell_mask(rgb: np.ndarray, score: np.ndarray, t: np.ndarray, nucleus: np.ndarray) -> np.ndarray:
+def _cell_mask(rgb: np.ndarray, score: np.ndarray, t: np.ndarray,
+               nucleus: np.ndarray) -> np.ndarray:
     """Nucleus plus cytoplasm: non-background pixels near the nucleus that are bluer
     (B - R) than this image's red blood cells by ``CYTO_MARGIN``."""
     from scipy import ndimage as ndi
@@ -222,7 +223,9 @@ def cell_features(pixels: np.ndarray) -> np.ndarray:
     if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[2] != pixels.shape[3]:
         from lymph.errors import LymphError
 
-        raise LymphError(f"cell_features: expected uint8 (n, 3, s, s), got {pixels.dtype} {pixels.shape}")
+        raise LymphError(
+            f"cell_features: expected uint8 (n, 3, s, s), got {pixels.dtype} {pixels.shape}"
+        )
     out = np.zeros((pixels.shape[0], len(MORPHOMETRY_COLUMNS)), dtype=np.float32)
     for i in range(pixels.shape[0]):
         out[i] = _one(pixels[i])

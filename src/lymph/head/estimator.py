@@ -20,12 +20,17 @@ Contract (every model compared by ``fit-head`` / ``compare-baselines`` follows i
   expected (a missing clinical column, a patient without images, no patients).
 
 :class:`MILClassifier` is the MIL head (pooling + clinical MLP). Determinism: ``seed`` fixes
-the inner split, the initial weights, dropout and the batch order (on CPU with a fixed
-number of torch threads); the global torch RNG is left as it was.
+the inner split, the initial weights, dropout and the batch order; the global torch RNG is
+left as it was. ``n_threads`` (default 1) is the torch thread count used inside ``fit`` and
+``predict_proba`` (restored afterwards): this head's operations are small, and on a shared
+2-core machine one thread is several times faster than two (thread contention), and
+reproducible. ``None`` keeps the process setting.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -36,7 +41,20 @@ from lymph.errors import LymphError
 from lymph.head.bags import Scaler, check_bags, instances_of, make_buckets
 from lymph.head.model import HeadConfig, MILHead
 from lymph.head.pooling import POOLINGS
-from lymph.head.train import choose_threshold, forward_groups, make_groups, train
+from lymph.head.train import (TrainResult, choose_threshold, forward_groups, make_groups,
+                              train)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n is not None and n != old:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None and n != old:
+            torch.set_num_threads(old)
 
 
 def _where(store: Any) -> str:
@@ -76,8 +94,8 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
                  attention_hidden: int = 128, mlp: tuple[int, ...] = (256, 128),
                  dropout: float = 0.25, lr: float = 2e-3, weight_decay: float = 1e-4,
                  max_epochs: int = 100, patience: int = 15, batch_size: int = 32,
-                 val_fraction: float = 0.2, seed: int = 0, threshold: str | float = "inner"
-                 ) -> None:
+                 val_fraction: float = 0.2, seed: int = 0, threshold: str | float = "inner",
+                 n_threads: int | None = 1) -> None:
         self.pooling = pooling
         self.clinical = clinical
         self.images = images
@@ -92,6 +110,7 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
         self.val_fraction = val_fraction
         self.seed = seed
         self.threshold = threshold
+        self.n_threads = n_threads
 
     # ---- fitting ------------------------------------------------------------------------
     def _check_params(self) -> None:
@@ -103,6 +122,10 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
             raise LymphError("images=False and clinical=False: expected at least one input")
 
     def fit(self, store: Any) -> MILClassifier:
+        with _threads(self.n_threads):
+            return self._fit(store)
+
+    def _fit(self, store: Any) -> MILClassifier:
         from sklearn.model_selection import train_test_split
 
         self._check_params()
@@ -142,22 +165,32 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
                          mlp=tuple(self.mlp), dropout=self.dropout)
         self.config_ = cfg
         zc = self.clinical_scaler_.transform(clin)
-        tr_groups = self._groups(store, rows[tr], zc[tr], y[tr])
-        va_groups = self._groups(store, rows[va], zc[va], y[va]) if va.size else None
-        rng = np.random.default_rng(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.model_ = MILHead(cfg)
-            res = train(self.model_, tr_groups, va_groups, va.size, lr=self.lr,
-                        weight_decay=self.weight_decay, max_epochs=self.max_epochs,
-                        patience=self.patience, batch_size=self.batch_size, rng=rng)
+            res, val_logits = self._train(store, rows, tr, va, zc, y)
         self.best_epoch_, self.epochs_run_ = res.best_epoch, res.epochs_run
         if self.threshold == "inner" and va.size:
-            logits, _ = forward_groups(self.model_, va_groups or [], va.size)
-            self.threshold_ = choose_threshold(y[va], 1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
+            p_val = 1.0 / (1.0 + np.exp(-val_logits.astype(np.float64)))
+            self.threshold_ = choose_threshold(y[va], p_val)
         else:
             self.threshold_ = 0.5 if self.threshold == "inner" else float(self.threshold)
         return self
+
+    def _train(self, store: Any, rows: np.ndarray, tr: np.ndarray, va: np.ndarray,
+               zc: np.ndarray, y: np.ndarray) -> tuple[TrainResult, np.ndarray]:
+        """Train ``self.model_`` on positions ``tr`` of ``rows``, early-stopping on ``va``;
+        return the result and the kept model's logits on ``va``. (The benchmark overrides
+        this with reference-style training.)"""
+        tr_groups = self._groups(store, rows[tr], zc[tr], y[tr])
+        va_groups = self._groups(store, rows[va], zc[va], y[va]) if va.size else None
+        res = train(self.model_, tr_groups, va_groups, va.size, lr=self.lr,
+                    weight_decay=self.weight_decay, max_epochs=self.max_epochs,
+                    patience=self.patience, batch_size=self.batch_size,
+                    rng=np.random.default_rng(self.seed))
+        val_logits = (forward_groups(self.model_, va_groups, va.size)[0] if va_groups
+                      else np.zeros(0, np.float32))
+        return res, val_logits
 
     def _groups(self, store: Any, rows: np.ndarray, zc: np.ndarray, y: np.ndarray | None) -> list:
         buckets = (make_buckets(store.embeddings, store.patient_ptr, rows, self.instance_scaler_)
@@ -188,7 +221,8 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
         rows = self._check_store(store)
         zc = self.clinical_scaler_.transform(clinical_matrix(store, self.clinical_columns_))
         groups = self._groups(store, rows, zc, None)
-        return forward_groups(self.model_, groups, rows.size, want_weights)
+        with _threads(getattr(self, "n_threads", 1)):
+            return forward_groups(self.model_, groups, rows.size, want_weights)
 
     def predict_proba(self, store: Any) -> np.ndarray:
         logits, _ = self._forward(store, False)

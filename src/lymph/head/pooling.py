@@ -42,10 +42,15 @@ class AttentionPool(nn.Module):
         self.w = nn.Linear(hidden, 1, bias=False)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w(torch.tanh(self.V(x))).squeeze(-1)  # (B, N)
+        return self.w(torch.tanh(self.V(x))).squeeze(-1)  # (..., N) from (..., N, D)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = masked_softmax(self.scores(x), mask)  # (B, N)
+        if bool(mask.all()):
+            s = self.scores(x)  # (B, N)
+        else:  # score real instances only: the (n, hidden) projection is the dominant cost
+            s = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+            s = s.masked_scatter(mask, self.scores(x[mask]))  # x[mask]: (n_real, D)
+        a = masked_softmax(s, mask)  # (B, N)
         return torch.bmm(a.unsqueeze(1), x).squeeze(1), a  # (B, D), (B, N)
 
 

@@ -120,7 +120,7 @@ def train(model: nn.Module, train_groups: list[Group], val_groups: list[Group] |
 
     Without validation groups it trains ``max_epochs`` epochs and keeps the last weights.
     """
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     best_loss, best_epoch, best_state = float("inf"), max_epochs, None
     val_y = val_w = None
     if val_groups:

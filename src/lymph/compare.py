@@ -1,0 +1,333 @@
+"""``lymph compare-baselines``: every model on exactly the same patient-level folds.
+
+    res = compare(store, default_models(store), folds=5, repeats=1, seed=0)
+    res.rows()      # the --json rows (same keys as ``fit-head --json``, plus ``model``)
+    res.paired      # best images+clinical vs best clinical-only, per fold
+
+One :func:`~lymph.head.evaluate.make_folds` call makes the folds; every model is
+cross-validated on that list by :func:`~lymph.head.evaluate.cross_validate`, so fold ``k`` of
+repeat ``r`` holds the same patients for all. Paired comparison: for the best model using
+images and clinical data and the best clinical-only model (each by mean balanced accuracy),
+the per-fold differences of balanced accuracy and ROC AUC, their mean and standard
+deviation, and the folds won / tied / lost.
+
+MIL training settings of the comparison (:data:`FAST_MIL`): at most 40 epochs, patience 8,
+64 patients per step (the ``fit-head`` defaults are 100 / 15 / 32). Measured on the dev
+morphometry store this keeps 5-fold x 1 of all ten models under 15 s on 2 cores with
+balanced accuracy within the fold-to-fold noise of the defaults (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lymph.errors import LymphError
+from lymph.head.evaluate import METRICS, CVResult, Fold, cross_validate, make_folds, summarise
+
+#: Training settings of the MIL models in the comparison (speed; see the module docstring).
+FAST_MIL: dict[str, Any] = {"max_epochs": 30, "patience": 5, "batch_size": 64}
+
+#: Model kinds, by what they read.
+CLINICAL, IMAGES_CLINICAL, IMAGES = "clinical", "images+clinical", "images"
+
+
+@dataclass
+class ModelSpec:
+    """A model of the comparison: a factory of fresh, unfitted estimators and what it reads."""
+
+    make: Callable[[], Any]
+    inputs: str  # CLINICAL, IMAGES_CLINICAL or IMAGES
+    pooling: str | None = None  # MIL pooling, None for non-MIL models
+    description: str = ""
+
+
+@dataclass
+class ModelResult:
+    name: str
+    spec: ModelSpec
+    cv: CVResult
+    summary: dict[str, dict[str, float]]
+    params: dict[str, Any]
+    #: out-of-fold instance weights by patient id, from the first repeat that scored the
+    #: patient (models with ``attention``; empty otherwise)
+    attention: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class ComparisonResult:
+    models: dict[str, ModelResult]  # in the order given
+    folds: list[Fold]
+    n_folds: int
+    repeats: int
+    seed: int
+    n_patients: int
+    notes: list[str] = field(default_factory=list)
+    paired: list[dict[str, Any]] = field(default_factory=list)  # first: best vs best
+    store_info: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+
+    def ranked(self) -> list[ModelResult]:
+        """Models by mean balanced accuracy, best first (ties: ROC AUC)."""
+        return sorted(self.models.values(), key=lambda m: (
+            -_nan0(m.summary["balanced_accuracy"]["mean"]), -_nan0(m.summary["roc_auc"]["mean"])))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The ``--json`` rows, sorted by mean balanced accuracy (best first)."""
+        out = []
+        for m in self.ranked():
+            cv = m.cv
+            out.append({
+                "model": m.name,
+                "pooling": m.spec.pooling,
+                "inputs": m.spec.inputs,
+                "images": m.spec.inputs != CLINICAL,
+                "clinical": m.spec.inputs != IMAGES,
+                "folds": self.n_folds, "repeats": self.repeats, "seed": self.seed,
+                "n_patients": self.n_patients,
+                "seconds": round(cv.seconds, 3),
+                **m.summary,
+                "threshold": {"mean": float(np.mean([f.threshold for f in cv.folds])),
+                              "std": float(np.std([f.threshold for f in cv.folds]))},
+                "params": m.params,
+                "store": self.store_info,
+                "per_fold": [{"repeat": f.repeat, "fold": f.fold, "threshold": f.threshold,
+                              "seconds": round(f.seconds, 3), **f.info,
+                              **{k: f.metrics[k] for k in METRICS}} for f in cv.folds],
+            })
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """``comparison.json``: settings, notes, the rows, the paired comparisons."""
+        return {"folds": self.n_folds, "repeats": self.repeats, "seed": self.seed,
+                "n_patients": self.n_patients, "seconds": round(self.seconds, 3),
+                "store": self.store_info, "notes": list(self.notes),
+                "mil_settings": dict(FAST_MIL),
+                "fold_patients": [{"repeat": r, "fold": k, "test": [str(i) for i in self.ids[te]]}
+                                  for r, k, _, te in self.folds],
+                "models": self.rows(), "paired": self.paired}
+
+
+def _nan0(v: float) -> float:
+    return float(v) if np.isfinite(v) else -1.0
+
+
+def _params(est: Any) -> dict[str, Any]:
+    out = {}
+    for k, v in est.get_params().items():
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+# ---- the default model set ---------------------------------------------------------------------
+MODEL_NAMES = ("adaboost", "logistic", "clinical-mlp", "mean+clinical", "max+clinical",
+               "attention+clinical", "gated+clinical", "attention-images-only",
+               "mixture-of-experts", "late-fusion")
+
+
+def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], list[str]]:
+    """The comparison's models in report order, and notes on those skipped.
+
+    Clinical-only: AdaBoost, logistic regression, the clinical MLP; images + clinical: the
+    MIL head with mean, max, attention and gated attention pooling; images only: attention;
+    the mixture of experts; late fusion. On a store without clinical columns the models
+    that need clinical data are skipped (with a note).
+    """
+    from lymph.baselines import AdaBoostClinical, LateFusion, LogisticClinical, MixtureOfExperts
+    from lymph.head.estimator import MILClassifier
+
+    fast = dict(FAST_MIL, seed=seed)
+    specs: dict[str, ModelSpec] = {
+        "adaboost": ModelSpec(lambda: AdaBoostClinical(seed=seed, inner_folds=2), CLINICAL, None,
+                              "AdaBoost on clinical features (the report's baseline)"),
+        "logistic": ModelSpec(lambda: LogisticClinical(seed=seed), CLINICAL, None,
+                              "logistic regression on clinical features"),
+        "clinical-mlp": ModelSpec(lambda: MILClassifier(images=False, **fast), CLINICAL, None,
+                                  "MLP on clinical features"),
+    }
+    for pool in ("mean", "max", "attention", "gated"):
+        specs[f"{pool}+clinical"] = ModelSpec(
+            (lambda p: lambda: MILClassifier(pooling=p, **fast))(pool), IMAGES_CLINICAL, pool,
+            f"MIL head, {pool} pooling, with clinical features")
+    specs["attention-images-only"] = ModelSpec(
+        lambda: MILClassifier(pooling="attention", clinical=False, **fast), IMAGES, "attention",
+        "MIL head, attention pooling, images only")
+    specs["mixture-of-experts"] = ModelSpec(
+        lambda: MixtureOfExperts(seed=seed, max_epochs=FAST_MIL["max_epochs"],
+                                 patience=FAST_MIL["patience"],
+                                 batch_size=FAST_MIL["batch_size"]),
+        IMAGES_CLINICAL, "attention", "mixture of an image and a clinical expert")
+    specs["late-fusion"] = ModelSpec(lambda: LateFusion(seed=seed), IMAGES_CLINICAL, None,
+                                     "late fusion: pooled image score + clinical, logistic")
+    notes: list[str] = []
+    if not list(store.clinical_columns):
+        skipped = [n for n, s in specs.items() if s.inputs != IMAGES]
+        notes.append("the store has no clinical columns: skipped " + ", ".join(skipped))
+        specs = {n: s for n, s in specs.items() if s.inputs == IMAGES}
+    return specs, notes
+
+
+def select_models(specs: dict[str, ModelSpec], names: str | list[str] | None) -> dict[str, ModelSpec]:
+    """The models named in ``names`` (comma-separated or a list), in the given order."""
+    if names is None:
+        return specs
+    wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
+    unknown = [n for n in wanted if n not in MODEL_NAMES]
+    if unknown:
+        raise LymphError(f"--models: unknown model(s) {', '.join(unknown)}; expected names from "
+                         f"{', '.join(MODEL_NAMES)}")
+    missing = [n for n in wanted if n not in specs]
+    if missing:
+        raise LymphError(f"--models: {', '.join(missing)} cannot run on this store (no clinical "
+                         "columns)")
+    if not wanted:
+        raise LymphError("--models: expected at least one model name (empty selection)")
+    return {n: specs[n] for n in wanted}
+
+
+class _Recorder:
+    """Wraps an estimator inside the CV: ``predict_proba`` also keeps each test patient's
+    instance weights (first time a patient is scored, i.e. its repeat-0 fold)."""
+
+    def __init__(self, est: Any, sink: dict[str, np.ndarray]) -> None:
+        self.est, self.sink = est, sink
+
+    def fit(self, store: Any) -> _Recorder:
+        self.est.fit(store)
+        return self
+
+    def predict_proba(self, store: Any) -> np.ndarray:
+        p = self.est.predict_proba(store)
+        if hasattr(self.est, "attention") and getattr(self.est, "images", True) is not False:
+            new = [k for k, pid in enumerate(store.ids) if str(pid) not in self.sink]
+            if new:
+                for k, w in zip(new, self.est.attention(store.subset(new))):
+                    self.sink[str(store.ids[k])] = np.asarray(w)
+        return p
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["est"], name)
+
+
+# ---- the comparison ------------------------------------------------------------------------------
+def paired(a: ModelResult, b: ModelResult) -> dict[str, Any]:
+    """Per-fold differences ``a - b`` (same folds) of balanced accuracy and ROC AUC."""
+    out: dict[str, Any] = {"model": a.name, "baseline": b.name, "per_fold": []}
+    for fa, fb in zip(a.cv.folds, b.cv.folds):
+        if (fa.repeat, fa.fold) != (fb.repeat, fb.fold) or not np.array_equal(fa.test_rows, fb.test_rows):
+            raise LymphError("paired comparison: the two models were not run on the same folds")
+        out["per_fold"].append({"repeat": fa.repeat, "fold": fa.fold, **{
+            m: fa.metrics[m] - fb.metrics[m] for m in ("balanced_accuracy", "roc_auc")}})
+    for m in ("balanced_accuracy", "roc_auc"):
+        d = np.array([f[m] for f in out["per_fold"]], dtype=np.float64)
+        d = d[np.isfinite(d)]
+        tol = 1e-9
+        out[m] = {"mean_difference": float(d.mean()) if d.size else float("nan"),
+                  "std_difference": float(d.std()) if d.size else float("nan"),
+                  "won": int((d > tol).sum()), "tied": int((np.abs(d) <= tol).sum()),
+                  "lost": int((d < -tol).sum())}
+    return out
+
+
+def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], Any]],
+            folds: int = 5, repeats: int = 1, seed: int = 0,
+            progress: Callable[[str, int, int], None] | None = None) -> ComparisonResult:
+    """Cross-validate every model on the same folds (one :func:`make_folds` call).
+
+    ``models`` maps names to :class:`ModelSpec` (or bare factories, treated as
+    images + clinical models). ``progress(name, done, total)`` is called after each fold.
+    """
+    from lymph.baselines import blas_threads
+
+    if not models:
+        raise LymphError("compare: no models to run (empty selection)")
+    specs = {n: (m if isinstance(m, ModelSpec) else ModelSpec(m, IMAGES_CLINICAL))
+             for n, m in models.items()}
+    labelled = store.labelled()
+    if labelled.size == 0:
+        raise LymphError(f"{store.path or 'store'}: /patients/label: no labelled patients "
+                         "(empty selection)")
+    fold_list = make_folds(store.labels, folds, repeats, seed)
+    t0 = time.perf_counter()
+    results: dict[str, ModelResult] = {}
+    with blas_threads(1):
+        for name, spec in specs.items():
+            cb = None if progress is None else (lambda d, t, n=name: progress(n, d, t))
+            sink: dict[str, np.ndarray] = {}
+            cv = cross_validate(lambda s=spec, k=sink: _Recorder(s.make(), k), store, fold_list,
+                                progress=cb)
+            results[name] = ModelResult(name, spec, cv, summarise(cv), _params(spec.make()), sink)
+    res = ComparisonResult(
+        models=results, folds=fold_list, n_folds=folds, repeats=repeats, seed=seed,
+        n_patients=int(labelled.size), seconds=time.perf_counter() - t0,
+        store_info={"path": None if store.path is None else str(store.path),
+                    "fingerprint": store.fingerprint,
+                    "method": (store.provenance or {}).get("method")},
+        ids=store.ids)
+    res.paired = paired_comparisons(res)
+    return res
+
+
+def paired_comparisons(res: ComparisonResult) -> list[dict[str, Any]]:
+    """Best images+clinical model vs best clinical-only model first, then every other
+    model using images vs that same clinical-only model."""
+    ranked = res.ranked()
+    clin = [m for m in ranked if m.spec.inputs == CLINICAL]
+    img = [m for m in ranked if m.spec.inputs == IMAGES_CLINICAL]
+    if not clin or not img:
+        res.notes.append("paired comparison skipped: it needs a clinical-only model and an "
+                         "images + clinical model")
+        return []
+    out = [dict(paired(img[0], clin[0]), primary=True)]
+    for m in ranked:
+        if m.spec.inputs != CLINICAL and m is not img[0]:
+            out.append(dict(paired(m, clin[0]), primary=False))
+    return out
+
+
+# ---- the command -----------------------------------------------------------------------------------
+def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
+                out: Any = None, json_path: Any = None, models: str | list[str] | None = None,
+                images: Any = None, montages: bool = True,
+                progress: Callable[[str, int, int], None] | None = None
+                ) -> tuple[ComparisonResult, dict[str, Any]]:
+    """``lymph compare-baselines``: open the store, compare, write ``--json`` and the report.
+
+    ``store`` is a path or an open store; ``images`` an image cache for the montages
+    (default: the source files recorded in the store). Returns the result and the files.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from lymph.atomic import write_text_atomic
+    from lymph.store import open_store
+
+    s = open_store(store) if isinstance(store, (str, os.PathLike)) else store
+    specs, notes = default_models(s, seed=seed)
+    specs = select_models(specs, models)
+    res = compare(s, specs, folds=folds, repeats=repeats, seed=seed, progress=progress)
+    res.notes[:0] = notes
+    outputs: dict[str, Any] = {}
+    if json_path is not None:
+        outputs["json"] = write_text_atomic(
+            json_path, json.dumps(res.rows(), indent=2, default=float) + "\n")
+    if out is not None:
+        from lymph.report.markdown import write_report
+
+        cache = None
+        if images is not None:
+            from lymph.data.cache import open_cache
+
+            cache = open_cache(images)
+        files = write_report(res, s, Path(out), cache=cache, montages=montages)
+        outputs.update({k: v for k, v in files.items() if not k.startswith("montage:")})
+        n_m = sum(k.startswith("montage:") for k in files)
+        if n_m:
+            outputs["montages"] = f"{n_m} in {Path(out) / 'misclassified'}"
+    return res, outputs

@@ -1,0 +1,167 @@
+"""Stage-one benchmark figures (``docs/benchmarks.md``), measured in one run.
+
+- training throughput (images/s), fed from the cache by the real pipeline;
+- the same steps fed from uint8 tensors already in memory, and the ratio of the two step
+  times (``feed_efficiency`` = in-memory step time / cache-fed step time; 1.0 means the
+  input pipeline costs nothing, the target is >= 0.9);
+- the machine's compute ceiling: dense matmul GFLOP/s through torch (fp32, and bf16 when
+  training in bf16), and the training throughput as a fraction of it (achieved GFLOP/s =
+  images/s x training FLOPs per image, counted as 3 x the forward conv/linear FLOPs);
+- embedding throughput (images/s, eval mode, reading the cache included).
+
+Memory and cache rounds alternate and the medians are kept: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from lymph.data.cache import ImageCache
+from lymph.encoder import distributed as D
+from lymph.encoder.methods import Preprocess, get_method
+from lymph.encoder.model import train_flops_per_image
+from lymph.encoder.train import (ChunkFeeder, TrainConfig, autocast, build_model, feeder_threaded,
+                                 resolve_precision)
+
+
+def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5,
+                  device: torch.device | str = "cpu") -> float:
+    """Median GFLOP/s of an ``n x n`` matmul (2 n^3 FLOPs) in ``dtype``."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 2.0 * n**3 / statistics.median(times) / 1e9
+
+
+def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
+                    batch_size: int | None = None, lr: float | None = None, steps: int = 40,
+                    warmup: int = 3, repeats: int = 3, precision: str = "auto",
+                    device: str = "cpu", embed_images: int = 2048, seed: int = 0,
+                    threaded: bool | None = None) -> dict[str, Any]:
+    """Stage-one figures on ``cache`` (see the module doc). Returns a flat dict.
+
+    ``steps`` per round (40 x 128 images, about half an epoch of the real data) so that the
+    feeder's start-up (reading its first buffer) weighs as much as in a real epoch.
+    """
+    env = D.setup(device)
+    dev = env.device
+    tc = TrainConfig(seed=seed, precision=precision)
+    bs = batch_size or tc.batch_size
+    m = get_method(method)
+    mcfg = m.config_cls(dim=dim, size=cache.size)
+    torch.manual_seed(seed)
+    model = build_model(method, mcfg, dev)
+    opt = torch.optim.Adam(model.parameters(), lr=lr or tc.lr)
+    amp = resolve_precision(precision, dev)
+    prep = Preprocess(cache.channel_mean, cache.channel_std, dev, channels_last=True,
+                      generator=torch.Generator().manual_seed(seed))
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def step(batch: torch.Tensor) -> None:
+        batch = batch.to(dev, non_blocking=True)
+        with autocast(dev, amp):
+            loss = m.loss(model, batch, prep)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    chunk = int(cache.pixels.chunks[0])
+    n = cache.n_images
+    threaded_feed = feeder_threaded(dev) if threaded is None else threaded
+    need = min(n, steps * bs)
+    rng = np.random.default_rng(seed)
+    mem = cache.read(0, need)
+    mem_batches = [torch.from_numpy(np.ascontiguousarray(mem[rng.permutation(need)[:bs]]))
+                   for _ in range(steps)]
+    blocks = D.blocks(n, 1, chunk)
+
+    def run_memory() -> float:
+        sync()
+        t = time.perf_counter()
+        for b in mem_batches:
+            step(b)
+        sync()
+        return time.perf_counter() - t
+
+    def run_cache(r: int) -> float:
+        order = np.random.default_rng([seed, r]).permutation(len(blocks))
+        feeder = ChunkFeeder(cache.read, [blocks[i] for i in order], bs, steps,
+                             np.random.default_rng([seed, r, 1]), buffer=tc.buffer_chunks,
+                             pin=dev.type == "cuda", threaded=threaded_feed)
+        sync()
+        t = time.perf_counter()
+        k = 0
+        for b in feeder:
+            step(b)
+            k += 1
+        sync()
+        if k != steps:  # a cache smaller than steps x batch: scale to a per-step time
+            return (time.perf_counter() - t) * steps / max(k, 1)
+        return time.perf_counter() - t
+
+    for b in mem_batches[:warmup]:
+        step(b)
+    t_mem, t_cache = [], []
+    for r in range(repeats):
+        t_mem.append(run_memory())
+        t_cache.append(run_cache(r))
+    tm, tcache = statistics.median(t_mem), statistics.median(t_cache)
+    ips_cache = steps * bs / tcache
+    ips_mem = steps * bs / tm
+    flops = train_flops_per_image(model, cache.size)
+    ceil32 = matmul_gflops(torch.float32, device=dev)
+    ceil_amp = matmul_gflops(amp, device=dev) if amp is not None else ceil32
+    achieved = ips_cache * flops / 1e9
+
+    # embedding: eval mode, fp32, reading the cache included
+    model.eval()
+    k = min(n, embed_images)
+    eprep = Preprocess(cache.channel_mean, cache.channel_std, dev, channels_last=True)
+    with torch.no_grad():
+        x = torch.from_numpy(cache.read(0, min(k, 64))).to(dev)
+        m.features(model, eprep(x))  # warm-up
+        sync()
+        t = time.perf_counter()
+        for a in range(0, k, chunk):
+            px = cache.read(a, min(a + chunk, k))
+            for s in range(0, len(px), 64):
+                x = torch.from_numpy(px[s : s + 64]).to(dev, non_blocking=True)
+                m.features(model, eprep(x)).float().cpu()
+        sync()
+        t_embed = time.perf_counter() - t
+
+    return {
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "precision": "bf16" if amp is not None else "fp32",
+        "image_size": cache.size,
+        "batch_size": bs,
+        "steps": steps,
+        "repeats": repeats,
+        "train_images_per_s": ips_cache,
+        "train_images_per_s_memory": ips_mem,
+        "step_s_cache": tcache / steps,
+        "step_s_memory": tm / steps,
+        "feed_efficiency": tm / tcache,
+        "train_gflop_per_image": flops / 1e9,
+        "train_gflops_achieved": achieved,
+        "matmul_gflops_fp32": ceil32,
+        "matmul_gflops_train_dtype": ceil_amp,
+        "fraction_of_fp32_ceiling": achieved / ceil32,
+        "fraction_of_train_dtype_ceiling": achieved / ceil_amp,
+        "embed_images_per_s": k / t_embed,
+    }

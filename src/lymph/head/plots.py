@@ -1,0 +1,47 @@
+"""Figures of stage two (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lymph.atomic import atomic_path
+
+
+def pr_curve_png(path: str | os.PathLike[str], labels: np.ndarray, oof: np.ndarray,
+                 title: str = "") -> Path:
+    """Precision-recall curves of out-of-fold P(malignant), one per repeat (``oof (R, n)``,
+    NaN = not scored), with the prevalence baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=120)
+    prevalence = None
+    for r in range(oof.shape[0]):
+        ok = np.isfinite(oof[r])
+        y, p = labels[ok].astype(int), oof[r, ok]
+        if np.unique(y).size < 2:
+            continue
+        prec, rec, _ = precision_recall_curve(y, p)
+        ax.step(rec, prec, where="post", lw=1.2, alpha=0.8 if oof.shape[0] == 1 else 0.5,
+                label=f"repeat {r}: AP {average_precision_score(y, p):.3f}")
+        prevalence = y.mean()
+    if prevalence is not None:
+        ax.axhline(prevalence, color="grey", ls="--", lw=0.8, label=f"prevalence {prevalence:.2f}")
+    ax.set_xlabel("recall (malignant)")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or "out-of-fold precision-recall", fontsize=9)
+    ax.legend(fontsize=6, loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,125 @@
+"""``lymph predict``: a saved model directory applied to a store or to raw challenge data.
+
+With ``data_dir`` the images are embedded first by stage one
+(:func:`lymph.encoder.embed.embed_dataset`) with the encoder copy inside the model
+directory, into ``PRED.store.h5`` beside the predictions. Outputs (all written atomically):
+
+- ``PRED.csv``: ``id,probability,predicted`` (probability of malignancy, 0/1 at the
+  model's threshold), one row per selected patient in store order;
+- ``PRED.attention.csv`` (image models): ``id,image_index,image_path,weight``, one row per
+  image (``image_path`` empty when the store records none);
+- ``SUB.csv`` (optional): the challenge submission, header ``Id,Predicted``, 0/1.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lymph.atomic import write_text_atomic
+from lymph.errors import LymphError
+from lymph.head.modeldir import SavedModel, load_model
+
+SELECTIONS = ("all", "labelled", "unlabelled")
+
+
+@dataclass
+class Prediction:
+    ids: np.ndarray
+    probability: np.ndarray
+    predicted: np.ndarray
+    threshold: float
+    store_path: Path | None
+    outputs: dict[str, Path]
+
+
+def check_encoder(saved: SavedModel, store: Any) -> None:
+    """Refuse a store made with another encoder than the model's training store."""
+    if not saved.estimator.images:
+        return
+    want = saved.store_provenance.get("encoder_sha256")
+    got = (store.provenance or {}).get("encoder_sha256")
+    if (want or got) and want != got:
+        raise LymphError(
+            f"{store.path or 'store'}: provenance 'encoder_sha256' is {str(got)[:12]}..., the model "
+            f"{saved.path} expects {str(want)[:12]}... (its training store's encoder): a store "
+            "from a different encoder; embed the data with the model's encoder "
+            "(`lymph predict --data`)")
+
+
+def _csv(rows: list[list[Any]], header: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def predict(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
+            store: str | os.PathLike[str] | None = None,
+            data: str | os.PathLike[str] | None = None,
+            submission: str | os.PathLike[str] | None = None, select: str = "all",
+            work_dir: str | os.PathLike[str] | None = None, device: str = "auto") -> Prediction:
+    """Predict every selected patient of ``store`` (or of ``data``, embedded first)."""
+    from lymph.store import open_store
+
+    if (store is None) == (data is None):
+        raise LymphError("predict: expected exactly one of --store and --data")
+    if select not in SELECTIONS:
+        raise LymphError(f"--select: expected one of {', '.join(SELECTIONS)}, got {select!r}")
+    saved = load_model(model_dir)
+    out = Path(out)
+    if data is not None:
+        enc = saved.encoder_path
+        if enc is None or not enc.exists():
+            raise LymphError(f"{saved.path}: the model directory holds no encoder checkpoint "
+                             "(its training store named none, or it was missing), so it cannot "
+                             "embed --data; use --store with a store from the same encoder")
+        try:
+            from lymph.encoder.embed import embed_dataset
+        except ImportError as e:
+            raise LymphError(f"predict --data needs stage one (lymph.encoder.embed): {e}") from None
+        store_path = out.with_name(out.stem + ".store.h5")
+        if work_dir is None:
+            with tempfile.TemporaryDirectory(prefix=".lymph-predict-", dir=out.parent) as wd:
+                embed_dataset(Path(data), enc, store_path, work_dir=Path(wd), device=device)
+        else:
+            embed_dataset(Path(data), enc, store_path, work_dir=Path(work_dir), device=device)
+    else:
+        store_path = Path(store)  # type: ignore[arg-type]
+    s = open_store(store_path)
+    check_encoder(saved, s)
+    rows = {"all": np.arange(s.n_patients), "labelled": s.labelled(),
+            "unlabelled": np.flatnonzero(s.labels < 0)}[select]
+    if rows.size == 0:
+        raise LymphError(f"{store_path}: no patients selected (--select {select}: empty selection)")
+    sub = s.subset(rows) if rows.size != s.n_patients else s
+    est = saved.estimator
+    p = est.predict_proba(sub)[:, 1]
+    pred = (p >= est.threshold_).astype(np.int64)
+    outputs = {"predictions": out}
+    write_text_atomic(out, _csv([[str(i), f"{v:.6f}", int(k)] for i, v, k in zip(sub.ids, p, pred)],
+                                ["id", "probability", "predicted"]))
+    if est.images:
+        weights = est.attention(sub)
+        att_rows = []
+        for k, pid in enumerate(sub.ids):
+            paths = sub.bag_image_paths(k)
+            for j, wgt in enumerate(weights[k]):
+                att_rows.append([str(pid), j, "" if paths is None else paths[j], f"{wgt:.6g}"])
+        att = out.with_name(out.stem + ".attention.csv")
+        write_text_atomic(att, _csv(att_rows, ["id", "image_index", "image_path", "weight"]))
+        outputs["attention"] = att
+    if submission is not None:
+        write_text_atomic(submission, _csv([[str(i), int(k)] for i, k in zip(sub.ids, pred)],
+                                           ["Id", "Predicted"]))
+        outputs["submission"] = Path(submission)
+    return Prediction(ids=sub.ids, probability=p, predicted=pred, threshold=est.threshold_,
+                      store_path=store_path, outputs=outputs)

@@ -1,0 +1,150 @@
+"""Pipeline configuration: built-in defaults < pipeline file (TOML) < ``--set`` overrides.
+
+A configuration is a two-level mapping ``section.key = value``. Every key has a default
+here, which also fixes its type; a pipeline file or ``--set`` naming an unknown section or
+key, or giving a value of the wrong type, is a :class:`LymphError` naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from lymph.errors import LymphError
+
+#: The built-in defaults. Pipeline files override some of them; the comments say what each is.
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {
+        "path": "",  # challenge root or split folder (``--data`` overrides)
+        "synth": False,  # generate synthetic data instead of reading ``path``
+        "synth_patients": 40,
+        "synth_test_patients": 6,
+        "synth_images": "8:24",
+        "synth_size": 224,
+        "synth_seed": 0,
+    },
+    "ingest": {
+        "size": 112,  # the report downsamples 224 to 112
+        "crop": 0,  # centre crop in source pixels before resizing; 0 = whole image
+    },
+    "embed": {
+        "method": "ae",
+        "dim": 60,
+        "epochs": 40,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "seed": 0,
+        "device": "auto",
+        "folds": 5,  # weak supervision only: K fold-safe scorers
+    },
+    "head": {
+        "pooling": "attention",
+        "fusion": "concat",  # concat (MLP on pooled + clinical) or late
+        "clinical": True,
+        "images": True,
+        "attention_hidden": 128,
+        "mlp": [256, 128],
+        "dropout": 0.25,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "max_epochs": 200,
+        "patience": 20,
+        "threshold": "inner",
+        "validation": "cv",  # cv (stratified k-fold, repeated) or holdout (one 80/20 split)
+        "folds": 5,
+        "repeats": 1,
+        "seed": 0,
+    },
+    "compare": {
+        "enabled": True,
+        "folds": 5,
+        "repeats": 1,
+        "seed": 0,
+    },
+}
+
+
+def _type_name(v: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list"}.get(type(v), type(v).__name__)
+
+
+def _coerce(key: str, default: Any, value: Any) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, list):
+        if isinstance(value, list) and all(isinstance(x, type(default[0])) for x in value):
+            return value
+    raise LymphError(f"{key}: expected {_type_name(default)}, got {value!r}")
+
+
+def merge(config: dict[str, dict[str, Any]], overrides: dict[str, Any], source: str) -> None:
+    """Merge ``overrides`` (``{section: {key: value}}``) into ``config`` in place, checked."""
+    for section, values in overrides.items():
+        if section not in DEFAULTS:
+            raise LymphError(
+                f"{source}: unknown section [{section}] (expected one of {', '.join(DEFAULTS)})"
+            )
+        if not isinstance(values, dict):
+            raise LymphError(f"{source}: [{section}] must be a table of settings")
+        for key, value in values.items():
+            if key not in DEFAULTS[section]:
+                raise LymphError(
+                    f"{source}: unknown key {section}.{key} "
+                    f"(known: {', '.join(sorted(DEFAULTS[section]))})"
+                )
+            try:
+                config[section][key] = _coerce(f"{section}.{key}", DEFAULTS[section][key], value)
+            except LymphError as e:
+                raise LymphError(f"{source}: {e}") from None
+
+
+def parse_set(item: str) -> dict[str, Any]:
+    """``section.key=value`` (value in TOML syntax; bare words are strings)."""
+    name, eq, raw = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not eq or not dot or not section or not key:
+        raise LymphError(f"--set: expected section.key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return {section: {key: value}}
+
+
+def resolve(pipeline: str | Path | None = None, sets: list[str] | None = None,
+            data: str | Path | None = None) -> dict[str, dict[str, Any]]:
+    """Defaults < pipeline file < ``--set`` (< ``--data``). Returns the resolved config."""
+    config = copy.deepcopy(DEFAULTS)
+    if pipeline is not None:
+        path = Path(pipeline)
+        if not path.is_file():
+            raise LymphError(f"{path}: pipeline file not found")
+        try:
+            overrides = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise LymphError(f"{path}: not valid TOML ({e})") from None
+        merge(config, overrides, str(path))
+    for item in sets or []:
+        merge(config, parse_set(item), "--set")
+    if data is not None:
+        config["data"]["path"] = str(data)
+        config["data"]["synth"] = False
+    return config
+
+
+def dumps(config: dict[str, Any]) -> str:
+    return json.dumps(config, indent=2, sort_keys=True)
