@@ -298,13 +298,19 @@ def _train_moe(model: MoENet, train_groups: list, val_groups: list | None, n_val
 class MixtureOfExperts(BaseEstimator, ClassifierMixin):
     """Mixture of an image expert and a clinical expert (Sahasrabudhe et al. 2021, the
     report's section 3.4). The image expert pools standardised instances by attention
-    (Ilse et al.) into an MLP; the clinical expert is an MLP on standardised clinical
+    (Ilse et al.) into a small MLP (``image_hidden`` units; 0 = linear); the clinical expert
+    is an MLP (``hidden`` units) on standardised clinical
     features; a linear gate on ``[pooled image vector, clinical]`` gives ``pi_img`` and
     ``pi_clin = 1 - pi_img``; the prediction is ``pi_img p_img + pi_clin p_clin``. Trained end
     to end with class-balanced BCE of the mixture plus ``aux_weight`` x each expert's own
     BCE (0 gives the plain mixture loss), vectorised (padded, masked buckets of the head,
     see :func:`_train_moe`); early stopping and threshold on an inner stratified
     validation split.
+
+    Defaults (measured on the dev morphometry store, 5-fold, and on planted synthetic
+    bags): a narrow image expert (16 units) and lr 5e-3. With a 64-unit image expert the
+    end-to-end mixture overfits the image side on ~100 patients and the gate trusts it
+    (dev ROC AUC 0.88 against 0.94); a linear expert fails to learn a planted signal.
     """
 
     inputs = "images+clinical"

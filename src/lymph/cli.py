@@ -277,6 +277,34 @@ def predict(
         typer.echo(f"wrote {name}: {path}")
 
 
+def print_comparison(res: Any) -> None:
+    """The comparison table (best first) and the paired comparison line, on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    folds, repeats = res.n_folds, res.repeats
+    table = Table(title=f"{folds}-fold x {repeats}, {res.n_patients} patients, same folds for "
+                        f"all; {res.seconds:.1f} s")
+    table.add_column("model")
+    table.add_column("inputs")
+    for m in ("balanced accuracy", "F1", "ROC AUC", "PR AUC"):
+        table.add_column(m, justify="right")
+    table.add_column("s", justify="right")
+    for m in res.ranked():
+        s = m.summary
+        table.add_row(m.name, m.spec.inputs,
+                      *(f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}"
+                        for k in ("balanced_accuracy", "f1", "roc_auc", "pr_auc")),
+                      f"{m.cv.seconds:.1f}")
+    Console(width=130).print(table)
+    if res.paired:
+        p = res.paired[0]
+        b, r = p["balanced_accuracy"], p["roc_auc"]
+        typer.echo(f"paired: {p['model']} - {p['baseline']}: balanced accuracy "
+                   f"{b['mean_difference']:+.3f} (won/tied/lost {b['won']}/{b['tied']}/{b['lost']}), "
+                   f"ROC AUC {r['mean_difference']:+.3f} ({r['won']}/{r['tied']}/{r['lost']})")
+
+
 # ---- lymph compare-baselines / explain (the run report) ---------------------------------------
 @app.command("compare-baselines")
 @handles_errors
@@ -303,26 +331,7 @@ def compare_baselines(
         res, outputs = run_compare(store, folds=folds, repeats=repeats, seed=seed, out=out,
                                    json_path=json_out, models=models, images=images,
                                    montages=montages, progress=lambda n, d, t: update())
-    table = Table(title=f"{folds}-fold x {repeats}, {res.n_patients} patients, same folds for "
-                        f"all; {res.seconds:.1f} s")
-    table.add_column("model")
-    table.add_column("inputs")
-    for m in ("balanced accuracy", "F1", "ROC AUC", "PR AUC"):
-        table.add_column(m, justify="right")
-    table.add_column("s", justify="right")
-    for m in res.ranked():
-        s = m.summary
-        table.add_row(m.name, m.spec.inputs,
-                      *(f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}"
-                        for k in ("balanced_accuracy", "f1", "roc_auc", "pr_auc")),
-                      f"{m.cv.seconds:.1f}")
-    Console(width=130).print(table)
-    if res.paired:
-        p = res.paired[0]
-        b, r = p["balanced_accuracy"], p["roc_auc"]
-        typer.echo(f"paired: {p['model']} - {p['baseline']}: balanced accuracy "
-                   f"{b['mean_difference']:+.3f} (won/tied/lost {b['won']}/{b['tied']}/{b['lost']}), "
-                   f"ROC AUC {r['mean_difference']:+.3f} ({r['won']}/{r['tied']}/{r['lost']})")
+    print_comparison(res)
     for note in res.notes:
         typer.echo(f"note: {note}")
     for name, path in outputs.items():
@@ -350,6 +359,106 @@ def explain(
         dev = ", ".join(f"{c} {z:+.1f}" for c, z in e.deviations.get(j, []))
         typer.echo(f"  cell #{j}: {e.weight_name}={e.weights[j]:.4g}" + (f"; deviates: {dev}" if dev else ""))
     typer.echo(f"wrote {e.out}")
+
+
+# ---- lymph run / ls / demo / bench (pipelines and measurements) -------------------------------
+def _print_run(res: Any, artifacts: Path) -> None:
+    if res.head_report is not None:
+        r = res.head_report
+        typer.echo(f"fit-head {r.get('model')}: balanced accuracy "
+                   f"{r['balanced_accuracy']['mean']:.3f} ± {r['balanced_accuracy']['std']:.3f}, "
+                   f"ROC AUC {r['roc_auc']['mean']:.3f} ± {r['roc_auc']['std']:.3f}")
+    if res.comparison is not None:
+        print_comparison(res.comparison)
+    for st in res.stages:
+        if st.name == "compare" and "report" in st.outputs:
+            typer.echo(f"report: {st.outputs['report']}")
+    typer.echo(f"resolved configuration saved with every stage (stage.json) under {artifacts}")
+
+
+def _stage_line(st: Any) -> None:
+    what = "cached" if st.cached else f"ran in {st.seconds:.1f} s"
+    typer.echo(f"[{st.name}] {what}: {st.folder}", err=True)
+
+
+@app.command()
+@handles_errors
+def run(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline file (pipelines/*.toml).")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Challenge root or split folder (overrides data.path).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value (repeatable).")] = None,
+    artifacts: Annotated[Path, typer.Option(help="Where stage outputs are cached.")] = Path("artifacts"),
+) -> None:
+    """Run ingest, embed, fit-head, compare-baselines and the report; reuse cached stages."""
+    from lymph.pipeline.run import run_pipeline
+
+    res = run_pipeline(pipeline, sets=set_ or [], data=data, artifacts=artifacts,
+                       on_stage=_stage_line)
+    _print_run(res, artifacts)
+
+
+@app.command("ls")
+@handles_errors
+def ls(
+    artifacts: Annotated[Path, typer.Option(help="Artifacts folder.")] = Path("artifacts"),
+) -> None:
+    """List the cached stage outputs with their sizes and settings."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lymph.pipeline.stages import list_stages
+
+    table = Table(title=f"cached stages in {artifacts}")
+    for c in ("stage", "fingerprint", "size", "seconds", "settings"):
+        table.add_column(c)
+    for r in list_stages(artifacts):
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+        table.add_row(r["stage"], r["fingerprint"], f"{r['bytes'] / 1e6:.1f} MB",
+                      f"{r['seconds']}", settings)
+    Console(width=140).print(table)
+
+
+@app.command()
+@handles_errors
+def demo(
+    artifacts: Annotated[Path, typer.Option(help="Where the demo's stage outputs go.")] = Path("artifacts"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value.")] = None,
+) -> None:
+    """Make a small synthetic dataset and run the demo pipeline on it (a few minutes on a CPU)."""
+    from lymph.pipeline.config import DEMO
+    from lymph.pipeline.run import run_pipeline
+
+    typer.echo("lymph demo: synthetic data -> ingest -> autoencoder -> fit-head -> compare-baselines",
+               err=True)
+    res = run_pipeline(DEMO, sets=set_ or [], artifacts=artifacts, on_stage=_stage_line)
+    _print_run(res, artifacts)
+
+
+@app.command()
+@handles_errors
+def bench(
+    data: Annotated[Optional[Path], typer.Option("--data", help="Challenge data (default: a synthetic set).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the figures as JSON.")] = None,
+    device: Annotated[str, typer.Option(help="Device for stage one: auto, cpu or cuda.")] = "auto",
+    quick: Annotated[bool, typer.Option(help="Fewer repeats and steps (a rough figure in about a minute).")] = False,
+) -> None:
+    """Measure this machine's ceilings and the tool's rates, each with its ratio."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lymph.bench import run_bench
+
+    res = run_bench(data=data, device=device, quick=quick)
+    table = Table(title="lymph bench: rates and their ceilings, measured in one run")
+    for c in ("figure", "value", "ceiling", "ratio", "target"):
+        table.add_column(c, justify="right" if c != "figure" else "left")
+    for row in res["rows"]:
+        table.add_row(row["figure"], row["value"], row.get("ceiling", ""), row.get("ratio", ""),
+                      row.get("target", ""))
+    Console(width=130).print(table)
+    if json_out is not None:
+        write_json(json_out, res)
+        typer.echo(f"wrote {json_out}")
 
 
 def main() -> None:  # pragma: no cover

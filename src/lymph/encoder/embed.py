@@ -210,6 +210,8 @@ def run_embed(
     out = Path(out)
     if (data is None) == (images is None):
         raise LymphError("give exactly one of --data DATA_DIR or --images CACHE.zarr")
+    if cache is not None and data is None:
+        raise LymphError("--cache says where --data is ingested; with --images the cache is given")
     if encoder is not None and resume:
         raise LymphError("--resume continues a training; with --encoder nothing is trained")
     if out.suffix.lower() not in (".h5", ".hdf5"):

@@ -114,13 +114,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
 
 # ---- input pipeline ----------------------------------------------------------------------
 def epoch_plan(n: int, chunk: int, env: D.DistEnv, batch_size: int, seed: int,
-               epoch: int) -> tuple[list[tuple[int, int]], int]:
+               epoch: int, keep: np.ndarray | None = None) -> tuple[list[tuple[int, int]], int]:
     """This rank's blocks for one epoch, in reading order, and the number of steps every
-    rank takes (the smallest rank's batch count, so DDP ranks stay in lock step)."""
+    rank takes (the smallest rank's batch count, so DDP ranks stay in lock step).
+    ``keep``: optional ``(n,)`` bool mask of the images trained on (the rest are skipped)."""
     bl = D.blocks(n, env.world, chunk)
     order = np.random.default_rng([seed, epoch]).permutation(len(bl))
     per_rank = [[bl[i] for i in order[r :: env.world]] for r in range(env.world)]
-    sizes = [sum(b - a for a, b in p) for p in per_rank]
+    sizes = [sum((b - a) if keep is None else int(keep[a:b].sum()) for a, b in p)
+             for p in per_rank]
     steps = min(-(-s // batch_size) for s in sizes)
     return per_rank[env.rank], steps
 
@@ -142,28 +144,44 @@ class ChunkFeeder:
     thread reads ``buffer`` blocks at a time, shuffles their images together with ``rng``
     and queues full batches; the remainder is carried into the next buffer. It stops
     after ``steps`` batches (the last one may be short).
+
+    Optional, for label-trained methods: ``keep``, an ``(n_images,)`` bool mask (only those
+    images are fed), and ``targets``, an ``(n_images, ...)`` array indexed by global image
+    position: then each item is a ``(pixels, targets)`` pair of tensors.
     """
 
     def __init__(self, read: Callable[[int, int], np.ndarray], blocks: list[tuple[int, int]],
                  batch_size: int, steps: int, rng: np.random.Generator, *, buffer: int = 4,
-                 prefetch: int = 8, pin: bool = False, threaded: bool = True) -> None:
+                 prefetch: int = 8, pin: bool = False, threaded: bool = True,
+                 keep: np.ndarray | None = None, targets: np.ndarray | None = None) -> None:
         self.read, self.blocks, self.batch_size = read, blocks, batch_size
+        self.keep = None if keep is None else torch.from_numpy(np.asarray(keep, dtype=bool))
+        self.targets = None if targets is None else torch.from_numpy(np.ascontiguousarray(targets))
         self.threaded = threaded
         self.steps, self.rng, self.buffer, self.pin = steps, rng, max(1, buffer), pin
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
 
-    def batches(self) -> Iterator[torch.Tensor]:
+    def batches(self) -> Iterator[Any]:
         """The epoch's batches, computed in the calling thread."""
         # torch copies (cat, index_select) release the GIL and are much faster than numpy
         # fancy indexing of uint8 images
         emitted = 0
         left: torch.Tensor | None = None
+        left_i: torch.Tensor | None = None
         for g in range(0, len(self.blocks), self.buffer):
-            parts = [torch.from_numpy(self.read(a, b)) for a, b in self.blocks[g : g + self.buffer]]
+            blocks = self.blocks[g : g + self.buffer]
+            parts = [torch.from_numpy(self.read(a, b)) for a, b in blocks]
+            index = [torch.arange(a, b) for a, b in blocks]  # global image positions
+            if self.keep is not None:
+                masks = [self.keep[a:b] for a, b in blocks]
+                parts = [p[m] for p, m in zip(parts, masks)]
+                index = [i[m] for i, m in zip(index, masks)]
             if left is not None and len(left):
                 parts.insert(0, left)
+                index.insert(0, left_i)  # type: ignore[arg-type]
             buf = torch.cat(parts) if len(parts) > 1 else parts[0]
+            pos = torch.cat(index) if len(index) > 1 else index[0]
             perm = torch.from_numpy(self.rng.permutation(len(buf)))
             last = g + self.buffer >= len(self.blocks)
             cut = len(buf) if last else len(buf) - len(buf) % self.batch_size
@@ -171,9 +189,14 @@ class ChunkFeeder:
                 if emitted == self.steps or self.stop.is_set():
                     return
                 t = buf.index_select(0, perm[s : s + self.batch_size])
-                yield t.pin_memory() if self.pin else t
+                t = t.pin_memory() if self.pin else t
+                if self.targets is None:
+                    yield t
+                else:
+                    yield t, self.targets.index_select(0, pos[perm[s : s + self.batch_size]])
                 emitted += 1
             left = buf.index_select(0, perm[cut:])
+            left_i = pos.index_select(0, perm[cut:])
 
     def _produce(self) -> None:
         try:
@@ -240,12 +263,21 @@ def train(
     env: D.DistEnv | None = None,
     progress: bool = True,
     loss_curve: str | Path | None = None,
+    rows: np.ndarray | None = None,
+    targets: np.ndarray | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``method`` on every image of ``cache``; write ``checkpoint`` after each epoch.
 
     ``model_config`` defaults to the method's config at the cache's image size.
     ``resume`` continues from ``checkpoint`` when it exists (same data, method, model and
     optimisation settings; ``epochs`` may grow). ``loss_curve``: a PNG of the epoch losses.
+
+    Label-trained methods (``needs_labels = True``, e.g. ``weak``): ``targets`` is an
+    ``(n_images, ...)`` float array (per-image label and weight, the method's choice) handed
+    to ``loss(model, batch, normalise, targets)``; ``rows`` restricts training to those
+    image positions (a fold's training patients); ``extra`` (JSON-able) is stored in the
+    checkpoint and must match on ``--resume``.
     """
     from lymph.console import progress_bar
 
@@ -258,6 +290,15 @@ def train(
         m = get_method(method)
         if not m.trainable:
             raise LymphError(f"--method {method}: has nothing to train")
+        needs_labels = bool(getattr(m, "needs_labels", False))
+        if needs_labels and targets is None:
+            raise LymphError(f"--method {method}: trains from labels; give per-image targets")
+        keep = None
+        if rows is not None:
+            keep = np.zeros(cache.n_images, dtype=bool)
+            keep[np.asarray(rows, dtype=np.int64)] = True
+            if not keep.any():
+                raise LymphError(f"--method {method}: no images to train on (empty selection)")
         if model_config is None:
             model_config = m.config_cls(size=cache.size)
         model_config.check()
@@ -276,11 +317,18 @@ def train(
         if resume and checkpoint.is_file():
             ck = load_checkpoint(checkpoint)
             _check_resumable(ck, checkpoint, method, model_config, config, cache)
+            for k, v in (extra or {}).items():
+                if ck.get(k) != v:
+                    raise LymphError(f"--resume: {checkpoint} was trained with other {k!r} "
+                                     "settings; drop --resume to start again")
             model.load_state_dict(ck["model"])
             if "optimizer" in ck:
                 opt.load_state_dict(ck["optimizer"])
             losses = [float(v) for v in ck.get("losses", [])]
             start = int(ck["epoch"])
+            if start > config.epochs and env.is_main:
+                log.warning("--resume: %s already has %d epochs (more than --epochs %d); "
+                            "nothing to train", checkpoint, start, config.epochs)
             if env.is_main:
                 log.info("resuming %s from epoch %d", checkpoint, start)
         elif resume and env.is_main:
@@ -299,6 +347,7 @@ def train(
             "cache": {"size": cache.size, "crop": cache.crop},
             "data_fingerprint": cache.fingerprint, "lymph_version": lymph.__version__,
             "precision": "bf16" if amp is not None else "fp32",
+            **(extra or {}),
         }
         n_img, seconds = 0, 0.0
         for epoch in range(start, config.epochs):
@@ -306,21 +355,27 @@ def train(
             prep = Preprocess(cache.channel_mean, cache.channel_std, dev, channels_last=True,
                               generator=gen)
             my_blocks, steps = epoch_plan(cache.n_images, chunk, env, config.batch_size,
-                                          config.seed, epoch)
+                                          config.seed, epoch, keep)
             feeder = ChunkFeeder(cache.read, my_blocks, config.batch_size, steps,
                                  np.random.default_rng([config.seed, epoch, env.rank, 1]),
                                  buffer=config.buffer_chunks, pin=dev.type == "cuda",
-                                 threaded=feeder_threaded(dev))
+                                 threaded=feeder_threaded(dev), keep=keep,
+                                 targets=targets if needs_labels else None)
             net.train()
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
             seen = 0
             t0 = time.perf_counter()
             with progress_bar(f"epoch {epoch + 1}/{config.epochs}", steps,
                               enabled=progress and env.is_main, loss="-", rate="-") as update:
-                for step, batch in enumerate(feeder):
-                    batch = batch.to(dev, non_blocking=True)
-                    with autocast(dev, amp):
-                        loss = m.loss(net, batch, prep)
+                for step, item in enumerate(feeder):
+                    if needs_labels:
+                        batch, tg = (t.to(dev, non_blocking=True) for t in item)
+                        with autocast(dev, amp):
+                            loss = m.loss(net, batch, prep, tg)  # type: ignore[call-arg]
+                    else:
+                        batch = item.to(dev, non_blocking=True)
+                        with autocast(dev, amp):
+                            loss = m.loss(net, batch, prep)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -347,8 +402,9 @@ def train(
         D.barrier(env)
         curve = None
         if loss_curve is not None and env.is_main and losses:
-            curve = save_loss_curve(losses, loss_curve, title=f"{method} training loss ({checkpoint.name})")
-        return TrainResult(checkpoint, losses, config.epochs - start, seconds,
+            curve = save_loss_curve(losses, loss_curve, title=f"{method} training loss ({checkpoint.name})",
+                                    ylabel=getattr(m, "loss_name", _MSE))
+        return TrainResult(checkpoint, losses, max(0, config.epochs - start), seconds,
                            n_img / max(seconds, 1e-9), curve)
     finally:
         if own_env:
@@ -381,7 +437,11 @@ def _check_resumable(ck: dict[str, Any], path: Path, method: str, model_config: 
             raise refuse(k, old.get(k), new.get(k))
 
 
-def save_loss_curve(losses: list[float], path: str | Path, title: str = "training loss") -> Path:
+_MSE = "reconstruction MSE (normalised pixels)"
+
+
+def save_loss_curve(losses: list[float], path: str | Path, title: str = "training loss",
+                    ylabel: str = _MSE) -> Path:
     """Epoch losses as a PNG (matplotlib's Agg canvas; no global backend switch)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -393,7 +453,7 @@ def save_loss_curve(losses: list[float], path: str | Path, title: str = "trainin
     ax = fig.add_subplot()
     ax.plot(np.arange(1, len(losses) + 1), losses, marker="o", ms=3)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("reconstruction MSE (normalised pixels)")
+    ax.set_ylabel(ylabel)
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)

@@ -60,7 +60,8 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
              json_path: str | os.PathLike[str] | None = None,
              oof_path: str | os.PathLike[str] | None = None,
              plot_path: str | os.PathLike[str] | None = None,
-             progress: Any = None, fusion: str = "concat", **params: Any) -> FitHeadResult:
+             progress: Any = None, fusion: str = "concat", fold_list: list[Any] | None = None,
+             **params: Any) -> FitHeadResult:
     """Cross-validate ``MILClassifier(pooling=..., **params)`` and save the final model.
 
     ``store`` is a path or an open store. Defaults: the OOF CSV and PR curve go beside
@@ -92,7 +93,8 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
     if not images and not clinical:
         raise LymphError(f"{s.path}: /patients/clinical: no clinical columns, so --no-images "
                          "leaves no input")
-    fold_list = make_folds(s.labels, folds, repeats, seed)
+    if fold_list is None:  # else given (the pipeline's holdout split, stage-one folds)
+        fold_list = make_folds(s.labels, folds, repeats, seed)
     from sklearn.base import clone
 
     cv = cross_validate(lambda: clone(proto), s, fold_list, progress=progress)

@@ -48,10 +48,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "attention_hidden": 128,
         "mlp": [256, 128],
         "dropout": 0.25,
-        "lr": 1e-3,
+        "lr": 2e-3,
         "weight_decay": 1e-4,
-        "max_epochs": 200,
-        "patience": 20,
+        "batch_size": 32,  # patients per step
+        "max_epochs": 100,
+        "patience": 15,
         "threshold": "inner",
         "validation": "cv",  # cv (stratified k-fold, repeated) or holdout (one 80/20 split)
         "folds": 5,
@@ -125,11 +126,13 @@ def parse_set(item: str) -> dict[str, Any]:
     return {section: {key: value}}
 
 
-def resolve(pipeline: str | Path | None = None, sets: list[str] | None = None,
+def resolve(pipeline: str | Path | dict[str, Any] | None = None, sets: list[str] | None = None,
             data: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Defaults < pipeline file < ``--set`` (< ``--data``). Returns the resolved config."""
     config = copy.deepcopy(DEFAULTS)
-    if pipeline is not None:
+    if isinstance(pipeline, dict):
+        merge(config, pipeline, "built-in settings")
+    elif pipeline is not None:
         path = Path(pipeline)
         if not path.is_file():
             raise LymphError(f"{path}: pipeline file not found")
@@ -148,3 +151,15 @@ def resolve(pipeline: str | Path | None = None, sets: list[str] | None = None,
 
 def dumps(config: dict[str, Any]) -> str:
     return json.dumps(config, indent=2, sort_keys=True)
+
+
+#: The settings of `lymph demo`, the same as ``pipelines/demo.toml`` (a test checks it), kept
+#: here so that the demo needs no file from the source tree.
+DEMO: dict[str, dict[str, Any]] = {
+    "data": {"synth": True, "synth_patients": 30, "synth_test_patients": 4,
+             "synth_images": "6:12", "synth_size": 64, "synth_seed": 0},
+    "ingest": {"size": 32},
+    "embed": {"method": "ae", "dim": 16, "epochs": 4, "batch_size": 64},
+    "head": {"folds": 3, "max_epochs": 40},
+    "compare": {"folds": 3},
+}

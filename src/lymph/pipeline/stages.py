@@ -1,0 +1,108 @@
+"""The stage cache of `lymph run`: ``artifacts/<stage>/<fingerprint>/``.
+
+A stage's fingerprint is a hash of its own settings and its inputs' fingerprints, so it
+changes exactly when something that can change its output changes. A stage folder is
+complete when its manifest ``stage.json`` exists: the manifest is written last
+(atomically), so an interrupted stage is never reused; a folder without one is removed and
+rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lymph.atomic import sha256_text, write_text_atomic
+from lymph.errors import LymphError
+
+MANIFEST = "stage.json"
+STAGES = ("data", "ingest", "embed", "head", "compare")
+
+
+def fingerprint(stage: str, settings: dict[str, Any], inputs: list[str]) -> str:
+    """Hash of a stage's name, settings and input fingerprints (16 hex digits)."""
+    return sha256_text(stage, json.dumps(settings, sort_keys=True), *inputs)[:16]
+
+
+@dataclass
+class Stage:
+    name: str
+    fingerprint: str
+    folder: Path
+    settings: dict[str, Any]
+    inputs: list[str]
+
+    @property
+    def manifest(self) -> Path:
+        return self.folder / MANIFEST
+
+    def is_complete(self) -> bool:
+        if not self.manifest.is_file():
+            return False
+        try:
+            m = json.loads(self.manifest.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+        return m.get("fingerprint") == self.fingerprint
+
+    def read_manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest.read_text(encoding="utf-8"))
+
+    def begin(self) -> Path:
+        """Start (or restart) the stage: an incomplete folder is cleared."""
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True)
+        return self.folder
+
+    def finish(self, config: dict[str, Any], outputs: dict[str, Any], seconds: float) -> None:
+        manifest = {
+            "stage": self.name,
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "inputs": self.inputs,
+            "outputs": {k: str(v) for k, v in outputs.items()},
+            "seconds": round(seconds, 3),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": config,  # the whole resolved configuration of the run
+        }
+        write_text_atomic(self.manifest, json.dumps(manifest, indent=2) + "\n")
+
+
+def make_stage(root: Path, name: str, settings: dict[str, Any], inputs: list[str]) -> Stage:
+    fp = fingerprint(name, settings, inputs)
+    return Stage(name, fp, Path(root) / name / fp, settings, inputs)
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def list_stages(root: str | Path) -> list[dict[str, Any]]:
+    """What is cached under ``root``: one row per complete stage folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise LymphError(f"{root}: no artifacts folder (run `lymph run` or `lymph demo` first)")
+    rows = []
+    for stage in STAGES:
+        d = root / stage
+        if not d.is_dir():
+            continue
+        for f in sorted(d.iterdir()):
+            m = f / MANIFEST
+            if not m.is_file():
+                continue
+            try:
+                man = json.loads(m.read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                continue
+            rows.append({
+                "stage": stage, "fingerprint": f.name, "path": str(f),
+                "bytes": folder_size(f), "settings": man.get("settings", {}),
+                "seconds": man.get("seconds"), "finished": man.get("finished"),
+            })
+    return rows
