@@ -7,9 +7,12 @@ opens as valid: either the previous artifact is still there, complete, or the ne
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,9 +27,11 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``target`` atomically.
 
     Works for files and folders. A file replaces the old one with ``os.replace`` (atomic
-    on POSIX: a concurrent reader sees the old or the new file, whole). A folder is
-    swapped by two renames; the old one is removed afterwards. On error the temporary
-    path is removed and the target is untouched.
+    on POSIX: a concurrent reader sees the old or the new file, whole). A folder
+    replacing an existing one is swapped with it in one atomic exchange (Linux
+    ``renameat2(RENAME_EXCHANGE)``; elsewhere two renames, with a moment when the target
+    is absent); the old one is removed afterwards. On error the temporary path is removed
+    and the target is untouched.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -34,6 +39,9 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_dir():
+            if target.exists() and _exchange(tmp, target):
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+                return
             old = None
             if target.exists():
                 old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
@@ -50,6 +58,27 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         elif tmp.exists():
             tmp.unlink()
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2`` with ``RENAME_EXCHANGE``).
+
+    False where that is unavailable (another OS, an old kernel or C library, a file system
+    without it): the caller then falls back to two renames.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _fsync_file(path: Path) -> None:

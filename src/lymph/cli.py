@@ -122,17 +122,19 @@ def embed(
     out: Annotated[Path, typer.Option("--out", help="Embedding store to write (STORE.h5).")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Challenge data to ingest first (reuses a valid cache).")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Image cache made by `lymph ingest` (CACHE.zarr).")] = None,
-    method: Annotated[str, typer.Option(help="ae (train the autoencoder) or morphometry (no training).")] = "ae",
-    dim: Annotated[int, typer.Option(help="Embedding size d_enc (the report: 60).")] = 60,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 20).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (default 128).")] = None,
+    method: Annotated[str, typer.Option(help="ae (train the autoencoder), morphometry (no training), contrastive (SimCLR, 64 px of a 160 px centre crop), weak (cell scorer trained from patient labels, fold-safe; see --folds), or A+morphometry (e.g. contrastive+morphometry: both feature blocks in one store).")] = "ae",
+    dim: Annotated[Optional[int], typer.Option(help="Embedding size (default: the method's; ae 60 as in the report, contrastive 128).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 20; contrastive 15).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (default 128; contrastive 256).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default 1e-3).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed; fixes every result on the CPU.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
     encoder: Annotated[Optional[Path], typer.Option(help="Trained checkpoint: embed only, with its preprocessing.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted training from its last epoch checkpoint.")] = False,
-    size: Annotated[int, typer.Option(help="Image side when ingesting --data (with --encoder: the encoder's).")] = 112,
+    size: Annotated[Optional[int], typer.Option(help="Image side when ingesting --data (default: the method's, 112 for ae; with --encoder: the encoder's).")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Where --data is ingested (default: beside the store).")] = None,
+    crop: Annotated[Optional[int], typer.Option(help="Centre crop (source pixels) when ingesting --data (default: the method's; weak: 112).")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="--method weak: K fold scorers, each labelled patient scored by the one that did not train on it (default 5).")] = None,
 ) -> None:
     """Train the stage-one encoder (unless --encoder) and embed every image into the store.
 
@@ -141,7 +143,7 @@ def embed(
 
     s = run_embed(out=out, data=data, images=images, method=method, dim=dim, epochs=epochs,
                   batch_size=batch_size, lr=lr, seed=seed, device=device, encoder=encoder,
-                  resume=resume, size=size, cache=cache)
+                  resume=resume, size=size, cache=cache, crop=crop, folds=folds)
     if not s.is_main:
         return
     if data is not None:
@@ -155,6 +157,8 @@ def embed(
             typer.echo(f"saved loss curve to {s.loss_curve}")
     elif s.checkpoint is not None:
         typer.echo(f"using encoder {s.checkpoint}")
+    for note in s.notes:
+        typer.echo(note)
     typer.echo(f"wrote {s.store}: {s.n_images} embeddings of dim {s.dim} for {s.n_patients} patients"
                + (f" (embedding {s.embed_seconds:.1f} s)" if s.embed_seconds else ""))
 
@@ -318,6 +322,7 @@ def compare_baselines(
     models: Annotated[Optional[str], typer.Option(help="Comma-separated subset, e.g. adaboost,attention+clinical,late-fusion (default: all).")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Image cache for the montages (default: the image files named in the store).")] = None,
     montages: Annotated[bool, typer.Option(help="Montages of the misclassified patients in the report.")] = True,
+    folds_from_store: Annotated[bool, typer.Option("--folds-from-store", help="Use stage one's folds recorded in a weak store (one repeat; --folds/--repeats ignored), to measure stacking optimism.")] = False,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
     from rich.console import Console
@@ -330,7 +335,8 @@ def compare_baselines(
     with progress_bar("compare-baselines", n_models * folds * repeats) as update:
         res, outputs = run_compare(store, folds=folds, repeats=repeats, seed=seed, out=out,
                                    json_path=json_out, models=models, images=images,
-                                   montages=montages, progress=lambda n, d, t: update())
+                                   montages=montages, progress=lambda n, d, t: update(),
+                                   folds_from_store=folds_from_store)
     print_comparison(res)
     for note in res.notes:
         typer.echo(f"note: {note}")

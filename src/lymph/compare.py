@@ -236,11 +236,14 @@ def paired(a: ModelResult, b: ModelResult) -> dict[str, Any]:
 
 def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], Any]],
             folds: int = 5, repeats: int = 1, seed: int = 0,
-            progress: Callable[[str, int, int], None] | None = None) -> ComparisonResult:
+            progress: Callable[[str, int, int], None] | None = None,
+            fold_list: list[Fold] | None = None) -> ComparisonResult:
     """Cross-validate every model on the same folds (one :func:`make_folds` call).
 
     ``models`` maps names to :class:`ModelSpec` (or bare factories, treated as
     images + clinical models). ``progress(name, done, total)`` is called after each fold.
+    ``fold_list`` replaces the folds (e.g. stage one's, :func:`folds_from_store`); then
+    ``folds`` and ``repeats`` are taken from it.
     """
     from lymph.baselines import blas_threads
 
@@ -252,7 +255,11 @@ def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], An
     if labelled.size == 0:
         raise LymphError(f"{store.path or 'store'}: /patients/label: no labelled patients "
                          "(empty selection)")
-    fold_list = make_folds(store.labels, folds, repeats, seed)
+    if fold_list is None:
+        fold_list = make_folds(store.labels, folds, repeats, seed)
+    else:
+        folds = max(f[1] for f in fold_list) + 1
+        repeats = max(f[0] for f in fold_list) + 1
     t0 = time.perf_counter()
     results: dict[str, ModelResult] = {}
     with blas_threads(1):
@@ -294,12 +301,15 @@ def paired_comparisons(res: ComparisonResult) -> list[dict[str, Any]]:
 def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
                 out: Any = None, json_path: Any = None, models: str | list[str] | None = None,
                 images: Any = None, montages: bool = True,
-                progress: Callable[[str, int, int], None] | None = None
+                progress: Callable[[str, int, int], None] | None = None,
+                folds_from_store: bool = False,
                 ) -> tuple[ComparisonResult, dict[str, Any]]:
     """``lymph compare-baselines``: open the store, compare, write ``--json`` and the report.
 
     ``store`` is a path or an open store; ``images`` an image cache for the montages
     (default: the source files recorded in the store). Returns the result and the files.
+    ``folds_from_store``: use stage one's K folds (a weak store's, one repeat) instead of
+    ``folds`` x ``repeats`` new ones. A weak store is checked for fold safety first.
     """
     import json
     import os
@@ -311,7 +321,19 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     s = open_store(store) if isinstance(store, (str, os.PathLike)) else store
     specs, notes = default_models(s, seed=seed)
     specs = select_models(specs, models)
-    res = compare(s, specs, folds=folds, repeats=repeats, seed=seed, progress=progress)
+    if (s.provenance or {}).get("weak_folds"):
+        from lymph.encoder.weak import check_fold_safety
+
+        check_fold_safety(s, checkpoints=False)
+    fold_list = None
+    if folds_from_store:
+        from lymph.head.evaluate import folds_from_store as stage_one_folds
+
+        fold_list = stage_one_folds(s)
+        notes.append(f"folds: stage one's {len(fold_list)} folds (--folds-from-store), one "
+                     "repeat; --folds and --repeats ignored")
+    res = compare(s, specs, folds=folds, repeats=repeats, seed=seed, progress=progress,
+                  fold_list=fold_list)
     res.notes[:0] = notes
     outputs: dict[str, Any] = {}
     if json_path is not None:

@@ -16,6 +16,7 @@ Stores are small (10,850 x 60 float32 is 2.6 MB) so the reader loads everything 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,12 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from lymph.atomic import atomic_path, sha256_file
+from lymph.atomic import atomic_path
 from lymph.errors import LymphError
 
 ENCODING_TYPE = "lymph-embeddings"
 ENCODING_VERSION = "1"
 SUPPORTED_VERSIONS = ("1",)
+#: root attribute: SHA-256 of the whole content (see :func:`content_sha256`)
+CONTENT_DIGEST = "content-sha256"
 
 _STR = None  # h5py string dtype, created lazily (h5py import is cheap but keep module light)
 
@@ -202,8 +205,13 @@ def write_store(
                     "path", data=np.asarray([str(p) for p in image_paths], dtype=object),
                     dtype=_str_dtype(), track_times=False,
                 )
-            if provenance:
-                f.attrs["provenance"] = json.dumps(provenance, sort_keys=True, default=str)
+            prov_json = json.dumps(provenance, sort_keys=True, default=str) if provenance else None
+            if prov_json is not None:
+                f.attrs["provenance"] = prov_json
+            f.attrs[CONTENT_DIGEST] = content_sha256(
+                emb, ptr, ids_arr, lab, clin, cols, feature_columns, image_paths,
+                patient_scorer, prov_json,
+            )
             # Stamped last: a file interrupted before this line never opens as a store.
             f.attrs["encoding-type"] = ENCODING_TYPE
             f.attrs["encoding-version"] = ENCODING_VERSION
@@ -257,6 +265,52 @@ def _check_arrays(
         raise bad("/patients/scorer", f"shape ({n_pat},)", np.asarray(patient_scorer).shape)
 
 
+def content_sha256(
+    emb: np.ndarray,
+    ptr: np.ndarray,
+    ids: Any,
+    lab: np.ndarray,
+    clin: np.ndarray,
+    cols: list[str],
+    feature_columns: Any,
+    image_paths: Any,
+    patient_scorer: Any,
+    provenance_json: str | None,
+) -> str:
+    """SHA-256 of a store's content, independent of the HDF5 layout (``docs/store-format.md``).
+
+    Each part present, in this order, contributes its name, a NUL, its length in bytes (8
+    bytes, little-endian) and its bytes: numbers little-endian in the written dtype (float32
+    embeddings and clinical, int64 offsets, int8 labels, int16 scorers), string lists as
+    each string's UTF-8 prefixed by its byte length (8 bytes, little-endian), the
+    provenance as its JSON text.
+    """
+    h = hashlib.sha256()
+
+    def part(name: str, data: bytes) -> None:
+        h.update(name.encode("utf-8") + b"\0" + len(data).to_bytes(8, "little") + data)
+
+    def strings(values: Any) -> bytes:
+        enc = [str(v).encode("utf-8") for v in values]
+        return b"".join(len(b).to_bytes(8, "little") + b for b in enc)
+
+    part("embeddings", np.ascontiguousarray(emb, dtype="<f4").tobytes())
+    part("patient_ptr", np.ascontiguousarray(ptr, dtype="<i8").tobytes())
+    part("patients/id", strings(ids))
+    part("patients/label", np.ascontiguousarray(lab, dtype="i1").tobytes())
+    part("patients/clinical", np.ascontiguousarray(clin, dtype="<f4").tobytes())
+    part("patients/clinical@columns", strings(cols))
+    if feature_columns is not None:
+        part("embeddings@columns", strings(feature_columns))
+    if image_paths is not None:
+        part("images/path", strings(image_paths))
+    if patient_scorer is not None:
+        part("patients/scorer", np.ascontiguousarray(patient_scorer, dtype="<i2").tobytes())
+    if provenance_json is not None:
+        part("@provenance", provenance_json.encode("utf-8"))
+    return h.hexdigest()
+
+
 # ---- reader ------------------------------------------------------------------------------
 def open_store(path: str | os.PathLike[str]) -> EmbeddingStore:
     """Open, check and load a store. Raises :class:`LymphError` saying what is wrong."""
@@ -266,9 +320,14 @@ def open_store(path: str | os.PathLike[str]) -> EmbeddingStore:
     where = str(path)
     if not path.is_file():
         raise LymphError(f"{where}: no such store file (expected an HDF5 embedding store)")
+    # One read of the file: the content and the fingerprint come from the same bytes, even
+    # when a writer replaces the file meanwhile (stores are small, see the module docstring).
+    with open(path, "rb") as raw:
+        data = raw.read()
+    fingerprint = hashlib.sha256(data).hexdigest()
     try:
-        f = h5py.File(path, "r")
-    except OSError as e:
+        f = h5py.File(io.BytesIO(data), "r")
+    except Exception as e:  # h5py raises OSError, and others for some damaged files
         raise LymphError(f"{where}: not a readable HDF5 file ({e}); expected an embedding store") from None
     try:
         with f:
@@ -284,10 +343,10 @@ def open_store(path: str | os.PathLike[str]) -> EmbeddingStore:
                     f"{where}: root attribute 'encoding-version' is {ever!r}; this lymph reads "
                     f"versions {', '.join(SUPPORTED_VERSIONS)}. Upgrade lymph to read it."
                 )
-            return _read_v1(f, path)
+            return _read_v1(f, path, fingerprint)
     except LymphError:
         raise
-    except (OSError, KeyError, ValueError, TypeError) as e:
+    except Exception as e:  # a damaged file: h5py raises OSError, RuntimeError, KeyError, ...
         raise LymphError(f"{where}: corrupted or malformed store ({type(e).__name__}: {e})") from None
 
 
@@ -314,7 +373,7 @@ def _strings(ds: Any) -> np.ndarray:
     )
 
 
-def _read_v1(f: Any, path: Path) -> EmbeddingStore:
+def _read_v1(f: Any, path: Path, fingerprint: str) -> EmbeddingStore:
     where = str(path)
     e = _required(f, "embeddings", where)
     if e.dtype != np.float32 or e.ndim != 2:
@@ -350,6 +409,14 @@ def _read_v1(f: Any, path: Path) -> EmbeddingStore:
     paths = _strings(f["images/path"]) if "images/path" in f else None
     scorer = f["patients/scorer"][()].astype(np.int16) if "patients/scorer" in f else None
     prov_raw = _attr_str(f.attrs.get("provenance"))
+    digest_attr = f.attrs.get(CONTENT_DIGEST)
+    if digest_attr is not None and _attr_str(digest_attr) != content_sha256(
+        emb, ptr, ids, lab, clin, cols, fcols, paths, scorer, prov_raw
+    ):
+        raise LymphError(
+            f"{where}: content does not match its root attribute '{CONTENT_DIGEST}' "
+            "(file corrupted)"
+        )
     try:
         prov = json.loads(prov_raw) if prov_raw else {}
     except json.JSONDecodeError:
@@ -358,7 +425,7 @@ def _read_v1(f: Any, path: Path) -> EmbeddingStore:
     return EmbeddingStore(
         path=path, embeddings=emb, patient_ptr=ptr, ids=ids, labels=lab, clinical=clin,
         clinical_columns=cols, feature_columns=fcols, image_paths=paths, patient_scorer=scorer,
-        provenance=prov, fingerprint=sha256_file(path),
+        provenance=prov, fingerprint=fingerprint,
     )
 
 

@@ -62,13 +62,16 @@ def _check_same_images(first: EmbeddingStore, other: EmbeddingStore) -> None:
                       f"image {k}: {other.image_paths[k]!r} vs {first.image_paths[k]!r}")
 
 
-def concat_stores(paths: list[str | os.PathLike[str]], out: str | os.PathLike[str]) -> Path:
+def concat_stores(paths: list[str | os.PathLike[str]], out: str | os.PathLike[str], *,
+                  provenance: dict[str, Any] | None = None) -> Path:
     """Write one store with the feature blocks of ``paths`` side by side.
 
     The stores must describe the same images in the same order (same patient ids,
     ``patient_ptr``, labels, clinical data, and image paths where both carry them).
     Feature columns are prefixed with each store's method (``ae:0``, ``morph:nucleus_area``);
     the provenance lists every source's provenance and sha256 under ``sources``.
+    ``provenance``: extra top-level provenance fields (e.g. a combined encoder checkpoint,
+    ``lymph embed --method contrastive+morphometry``).
     """
     import lymph
     from lymph.store import write_store
@@ -99,7 +102,7 @@ def concat_stores(paths: list[str | os.PathLike[str]], out: str | os.PathLike[st
     if len(set(cols)) != len(cols):
         raise LymphError("store concat: duplicate feature column names after prefixing")
     prov: dict[str, Any] = {"method": "concat", "lymph_version": lymph.__version__,
-                            "dim": len(cols), "sources": sources}
+                            "dim": len(cols), "sources": sources, **(provenance or {})}
     fps = {s.provenance.get("data_fingerprint") for s in stores}
     if len(fps) == 1 and None not in fps:
         prov["data_fingerprint"] = fps.pop()

@@ -2,8 +2,8 @@
 
 - training throughput (images/s), fed from the cache by the real pipeline;
 - the same steps fed from uint8 tensors already in memory, and the ratio of the two step
-  times (``feed_efficiency`` = in-memory step time / cache-fed step time; 1.0 means the
-  input pipeline costs nothing, the target is >= 0.9);
+  times (``feed_efficiency`` = in-memory step time / cache-fed step time, the median over
+  back-to-back pairs; 1.0 means the input pipeline costs nothing, the target is >= 0.9);
 - the machine's compute ceiling: dense matmul GFLOP/s through torch (fp32, and bf16 when
   training in bf16), and the training throughput as a fraction of it (achieved GFLOP/s =
   images/s x training FLOPs per image, counted as 3 x the forward conv/linear FLOPs);
@@ -156,7 +156,10 @@ def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
         "train_images_per_s_memory": ips_mem,
         "step_s_cache": tcache / steps,
         "step_s_memory": tm / steps,
-        "feed_efficiency": tm / tcache,
+        # median of the per-round ratios: each pair ran back to back, so slow drifts in the
+        # machine's load cancel out better than in the ratio of the medians
+        "feed_efficiency": statistics.median(a / b for a, b in zip(t_mem, t_cache)),
+        "feed_efficiency_rounds": [a / b for a, b in zip(t_mem, t_cache)],
         "train_gflop_per_image": flops / 1e9,
         "train_gflops_achieved": achieved,
         "matmul_gflops_fp32": ceil32,

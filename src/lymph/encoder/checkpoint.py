@@ -13,9 +13,15 @@ with ``torch.load(..., weights_only=True)`` (no pickled code runs on load)::
     lymph_version       version that wrote it
     epoch               epochs completed; losses: mean training loss of each
     model               state_dict; optimizer: state_dict (for --resume)
-    images_per_s        training throughput of the run
+
+No timing is stored, so the same data, settings and seed give the same bytes on the CPU.
 
 Written atomically (temporary file, then rename) after every epoch.
+
+A *combined* checkpoint (``lymph embed --method contrastive+morphometry``, method
+``"A+B"``) also has ``parts``: per part, in column order, its ``method``, the ``cache``
+settings it was computed on, and either ``checkpoint`` (a trained part's checkpoint
+dict, less the optimiser) or its settings (morphometry). See :mod:`lymph.encoder.combine`.
 """
 
 from __future__ import annotations

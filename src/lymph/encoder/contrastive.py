@@ -18,8 +18,8 @@ with every random draw taken from the loop's CPU generator, so they are reproduc
   stain differences between smears are small next to the cell's own colours;
 - blur: a Gaussian of random width on half of the views.
 
-Cost at 64 px with the default widths: 51 M multiply-adds per view forward, so a training
-step is about 0.3 GFLOP per cell (two views, forward + backward).
+Cost at 64 px with the default widths: 18 M multiply-adds per view forward, so training
+costs about 0.22 GFLOP per cell (two views, forward + backward ~3x forward).
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ class ContrastiveConfig:
 
     dim: int = 128  # embedding size: channels of the last conv block, globally pooled
     size: int = 64  # input side in pixels (the cache's); any side >= 16 works
-    channels: tuple[int, ...] = (32, 64, 128, 128)  # conv blocks before the last (each + 2x2 max-pool)
+    # conv blocks before the last, each followed by a 2x2 max-pool: 64 -> 32 -> 16 -> 8 -> 4 px.
+    # Twice these widths trains 2-3x slower on the CPU (measured), beyond the budget.
+    channels: tuple[int, ...] = (16, 32, 64, 128)
     proj_hidden: int = 256  # projection head: dim -> proj_hidden -> proj_dim (dropped when embedding)
     proj_dim: int = 64
     temperature: float = 0.2  # NT-Xent; 0.1-0.5 is SimCLR's useful range for small batches
@@ -97,7 +99,7 @@ class ContrastiveNet(nn.Module):
         self.config = config
         layers: list[nn.Module] = []
         cin = 3
-        for cout in config.channels:  # 64 -> 32 -> 16 -> 8 -> 4 px at the default widths
+        for cout in config.channels:
             layers += [*_block(cin, cout), nn.MaxPool2d(2)]
             cin = cout
         layers += [*_block(cin, config.dim), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
@@ -210,14 +212,14 @@ class ContrastiveMethod:
     default_size: int = 64
     default_crop: int | None = 160
     # TrainConfig defaults for this method (the command line overrides them). Budget: the
-    # dev set (10,850 cells) in about 30 minutes on a shared 2-core CPU. Measured there
-    # (bf16, docs/benchmarks.md) about 130-150 cells/s for two views, forward + backward,
-    # so an epoch takes ~75-85 s: 20 epochs is ~26 min. Batch 256 gives 510 negatives per
-    # view (NT-Xent improves with more negatives, and a CPU wastes less time per image in
-    # large batches) and still 42 updates per epoch; Adam at 1e-3, with a little weight
-    # decay as in SimCLR.
+    # dev set (10,850 cells) in about 30 minutes on the shared 2-core CPU. Measured there
+    # (bf16, two views, forward + backward; docs/benchmarks.md) about 100 cells/s with the
+    # machine shared, so an epoch takes ~110 s: 15 epochs is ~27 min. Batch 256 gives 510
+    # negatives per view (NT-Xent improves with more negatives, and a CPU wastes less time
+    # per image in large batches) and still 42 updates per epoch; Adam at 1e-3, with a
+    # little weight decay as in SimCLR.
     train_defaults: tuple[tuple[str, Any], ...] = (
-        ("epochs", 20), ("batch_size", 256), ("lr", 1e-3), ("weight_decay", 1e-6),
+        ("epochs", 15), ("batch_size", 256), ("lr", 1e-3), ("weight_decay", 1e-6),
     )
 
     def build(self, config: ContrastiveConfig) -> nn.Module:

@@ -59,14 +59,17 @@ def setup(device: str = "auto") -> DistEnv:
     """Join the torchrun process group if there is one; pick the device and CPU threads.
 
     CPU threads: the cores divided among the processes of this node (two processes on two
-    cores get one thread each; oversubscription costs more than it gains).
+    cores get one thread each; oversubscription costs more than it gains). An explicit
+    ``OMP_NUM_THREADS`` wins (e.g. 1 on a CPU shared with other jobs).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     dev = resolve_device(device, local_rank)
-    torch.set_num_threads(max(1, cpu_cores() // max(1, local_world)))
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(omp) if omp.isdigit() and int(omp) > 0
+                          else max(1, cpu_cores() // max(1, local_world)))
     env = DistEnv(rank, world, local_rank, local_world, dev)
     if world > 1:
         import torch.distributed as dist

@@ -28,6 +28,7 @@ from lymph.atomic import sha256_file
 from lymph.data.cache import ImageCache, ingest, open_cache
 from lymph.encoder import distributed as D
 from lymph.encoder.checkpoint import load_checkpoint
+from lymph.encoder.combine import is_combination
 from lymph.encoder.methods import Preprocess, get_method
 from lymph.errors import LymphError
 
@@ -132,7 +133,10 @@ def embed_cache(cache: ImageCache, encoder: str | Path, out: str | Path, device:
                 "dim": int(feats.shape[1]),
                 "epochs": int(ck.get("epoch", 0)),
                 "final_loss": float(ck["losses"][-1]) if ck.get("losses") else None,
-            })
+            }, feature_columns=_columns(method),
+                # a label-trained scorer (weak): every patient scored by this one model
+                patient_scorer=(np.full(cache.n_patients, -1, dtype=np.int16)
+                                if getattr(method, "needs_labels", False) else None))
         D.barrier(env)
         return out
     finally:
@@ -140,8 +144,16 @@ def embed_cache(cache: ImageCache, encoder: str | Path, out: str | Path, device:
             D.teardown(env)
 
 
+def _columns(method: Any) -> list[str] | None:
+    """The method's feature column names, when it declares fixed ones (``weak``)."""
+    cols = getattr(method, "feature_columns", None)
+    return None if cols is None else list(cols)
+
+
 def write_embedding_store(cache: ImageCache, feats: np.ndarray, out: Path,
-                          provenance: dict[str, Any]) -> Path:
+                          provenance: dict[str, Any], *,
+                          feature_columns: list[str] | None = None,
+                          patient_scorer: np.ndarray | None = None) -> Path:
     """The store of ``feats`` (one row per cached image) with the cache's patient table."""
     from lymph.store import write_store
 
@@ -150,7 +162,7 @@ def write_embedding_store(cache: ImageCache, feats: np.ndarray, out: Path,
     return write_store(
         out, embeddings=feats, patient_ptr=cache.patient_ptr, ids=cache.ids,
         labels=cache.labels, clinical=clin, clinical_columns=cols, image_paths=cache.paths,
-        provenance=prov,
+        provenance=prov, feature_columns=feature_columns, patient_scorer=patient_scorer,
     )
 
 
@@ -159,6 +171,10 @@ def embed_dataset(data_dir: str | Path, encoder: str | Path, out: str | Path, *,
     """Ingest ``data_dir`` the way ``encoder`` was trained (image size, crop) into
     ``work_dir`` (default: beside ``out``), then embed it into the store ``out``."""
     ck = load_checkpoint(encoder)
+    if is_combination(str(ck["method"])):  # `--method A+B`: one cache and store per part
+        from lymph.encoder.combine import embed_combined_dataset
+
+        return embed_combined_dataset(data_dir, encoder, out, work_dir=work_dir, device=device)
     size, crop = int(ck["cache"]["size"]), ck["cache"].get("crop")
     cache_path = default_cache_path(out, size, work_dir)
     ingest(data_dir, cache_path, size=size, crop=crop)
@@ -183,6 +199,7 @@ class EmbedSummary:
     train_images_per_s: float = 0.0
     embed_seconds: float = 0.0
     world: int = 1
+    notes: list[str] = field(default_factory=list)  # method-specific lines for the CLI
 
 
 def run_embed(
@@ -191,7 +208,7 @@ def run_embed(
     data: str | Path | None = None,
     images: str | Path | None = None,
     method: str = "ae",
-    dim: int = 60,
+    dim: int | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
@@ -199,12 +216,18 @@ def run_embed(
     device: str = "auto",
     encoder: str | Path | None = None,
     resume: bool = False,
-    size: int = 112,
+    size: int | None = None,
     cache: str | Path | None = None,
     progress: bool = True,
+    crop: int | None = None,
+    folds: int | None = None,
 ) -> EmbedSummary:
     """What ``lymph embed`` does: get the cache (ingesting ``data`` if given), train the
-    encoder unless ``encoder`` is given, then embed every image into the store ``out``."""
+    encoder unless ``encoder`` is given, then embed every image into the store ``out``.
+
+    ``size`` / ``crop`` (ingesting ``data``) default to the method's ``default_size`` /
+    ``default_crop`` (112 px, whole image, when it declares none). Label-trained methods
+    (``weak``) train ``folds`` fold scorers and a final one (:mod:`lymph.encoder.weak`)."""
     from lymph.encoder.train import TrainConfig, train
 
     out = Path(out)
@@ -216,11 +239,26 @@ def run_embed(
         raise LymphError("--resume continues a training; with --encoder nothing is trained")
     if out.suffix.lower() not in (".h5", ".hdf5"):
         raise LymphError(f"--out {out}: expected an HDF5 store path ending in .h5")
+    if is_combination(method) or (encoder is not None
+                                  and is_combination(str(load_checkpoint(encoder)["method"]))):
+        if folds is not None:
+            raise LymphError(f"--folds: only for --method weak, not a combination ({method})")
+        from lymph.encoder.combine import run_combination
+
+        return run_combination(out=out, data=data, images=images, method=method,
+                               encoder=encoder, device=device, size=size, crop=crop,
+                               cache=cache, progress=progress, dim=dim, epochs=epochs,
+                               batch_size=batch_size, lr=lr, seed=seed, resume=resume)
     if method == "morphometry":
         if encoder is not None:
             raise LymphError("--method morphometry computes features without an encoder; drop --encoder")
-    else:
-        get_method(method)  # unknown names fail before any work
+    m_obj = None if method == "morphometry" else get_method(method)  # unknown names fail early
+    label_trained = bool(getattr(m_obj, "needs_labels", False))
+    if folds is not None and not label_trained:
+        raise LymphError(f"--folds: only for methods trained from labels (--method weak), "
+                         f"not --method {method}")
+    if label_trained and folds is None:
+        folds = 5
     env = D.setup(device)
     try:
         summary = EmbedSummary(store=None, is_main=env.is_main, world=env.world)
@@ -228,7 +266,8 @@ def run_embed(
         if ck_in is not None:
             size, crop = int(ck_in["cache"]["size"]), ck_in["cache"].get("crop")
         else:
-            crop = None
+            size = size or int(getattr(m_obj, "default_size", 112))
+            crop = crop if crop is not None else getattr(m_obj, "default_crop", None)
         if data is not None:
             cache_path = Path(cache) if cache else default_cache_path(out, size)
             reused = False
@@ -245,10 +284,15 @@ def run_embed(
             summary.dim = _morphometry(c, out, env)
             summary.store = out
             return summary
+        if encoder is None and label_trained:
+            return _weak(c, out, folds or 5, seed, epochs, batch_size, lr, resume, env,
+                         progress, summary)
         if encoder is None:
             m = get_method(method)
-            mcfg = m.config_cls(dim=dim, size=c.size)
-            tcfg = TrainConfig(seed=seed)
+            # dim None: the method's default; a method may declare its own TrainConfig
+            # defaults (``train_defaults``: (field, value) pairs; the arguments override)
+            mcfg = m.config_cls(size=c.size, **({} if dim is None else {"dim": dim}))
+            tcfg = TrainConfig(seed=seed, **dict(getattr(m, "train_defaults", ())))
             if epochs is not None:
                 tcfg.epochs = epochs
             if batch_size is not None:
@@ -275,6 +319,33 @@ def run_embed(
         return summary
     finally:
         D.teardown(env)
+
+
+def _weak(c: ImageCache, out: Path, folds: int, seed: int, epochs: int | None,
+          batch_size: int | None, lr: float | None, resume: bool, env: D.DistEnv,
+          progress: bool, summary: EmbedSummary) -> EmbedSummary:
+    """``--method weak``: K fold scorers + the final scorer, fold-safe store."""
+    from lymph.encoder.weak import default_train_config, run_weak
+
+    tcfg = default_train_config(seed)
+    for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
+        if v is not None:
+            setattr(tcfg, k, v)
+    w = run_weak(c, out, folds=folds, seed=seed, config=tcfg, env=env, resume=resume,
+                 progress=progress)
+    final = w.losses.get("final", [])
+    summary.checkpoint, summary.losses, summary.trained_epochs = w.final_checkpoint, final, tcfg.epochs
+    summary.train_seconds, summary.train_images_per_s = w.train_seconds, w.images_per_s
+    summary.embed_seconds, summary.store = w.embed_seconds, out
+    summary.dim = 2
+    summary.notes = [f"{folds} fold scorers + the final scorer ({summary.train_seconds:.0f} s "
+                     f"of training in all); fold checkpoints: "
+                     + ", ".join(str(p) for p in w.fold_checkpoints)]
+    if w.oof and w.oof.get("auc_mean_prob") is not None:
+        summary.notes.append(
+            f"out-of-fold patient ROC AUC of the mean cell probability "
+            f"{w.oof['auc_mean_prob']:.3f} (mean cell logit {w.oof['auc_mean_logit']:.3f})")
+    return summary
 
 
 def _ingest_with_progress(data: str | Path, cache_path: Path, size: int, crop: int | None,

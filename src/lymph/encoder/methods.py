@@ -96,7 +96,7 @@ class AutoencoderMethod:
 
 _REGISTRY: dict[str, Method] = {}
 # modules that register further methods when imported (added by their authors)
-_BUILTIN_MODULES: tuple[str, ...] = ("lymph.encoder.contrastive",)
+_BUILTIN_MODULES: tuple[str, ...] = ("lymph.encoder.contrastive", "lymph.encoder.weak")
 
 
 def register(method: Method) -> Method:

@@ -394,9 +394,10 @@ def train(
             if env.is_main:
                 log.info("epoch %d/%d: loss %.5f, %.0f images/s", epoch + 1, config.epochs,
                          losses[-1], tot_seen / max(dt, 1e-9))
+                # no timing in the checkpoint: the same seed gives the same bytes (its
+                # sha256 is in the store's provenance, which must be reproducible too)
                 save_checkpoint(checkpoint, {
                     **base, "epoch": epoch + 1, "losses": losses,
-                    "images_per_s": n_img / max(seconds, 1e-9),
                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                 })
         D.barrier(env)

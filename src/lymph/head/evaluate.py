@@ -54,6 +54,38 @@ def make_folds(labels: np.ndarray, folds: int = 5, repeats: int = 1, seed: int =
     return out
 
 
+def folds_from_store(store: Any) -> list[Fold]:
+    """Stage one's folds, for a stage two on exactly the same patient splits.
+
+    A weak-supervision store (``lymph embed --method weak --folds K``) records in its
+    provenance ``weak_folds.test_ids`` the patient ids of each of its K folds; fold ``k``
+    here tests those patients and trains on the store's other labelled patients (one
+    repeat). Ids absent from ``store`` (a subset) are skipped. See
+    ``docs/weak-supervision.md`` for what this measures.
+    """
+    wf = (getattr(store, "provenance", None) or {}).get("weak_folds")
+    where = getattr(store, "path", None) or "store"
+    if not wf or not wf.get("test_ids"):
+        raise LymphError(f"{where}: --folds-from-store: the store records no stage-one folds "
+                         "(provenance 'weak_folds'); make it with `lymph embed --method weak "
+                         "--folds K`")
+    pos = {str(pid): i for i, pid in enumerate(store.ids)}
+    labelled = np.flatnonzero(np.asarray(store.labels) >= 0)
+    out: list[Fold] = []
+    seen: set[int] = set()
+    for k, ids in enumerate(wf["test_ids"]):
+        te = np.array(sorted(pos[i] for i in ids if i in pos and store.labels[pos[i]] >= 0),
+                      dtype=np.int64)
+        if seen & set(te.tolist()):
+            raise LymphError(f"{where}: provenance 'weak_folds': a patient is in two folds")
+        seen |= set(te.tolist())
+        out.append((0, k, np.setdiff1d(labelled, te), te))
+    if seen != set(labelled.tolist()):
+        raise LymphError(f"{where}: provenance 'weak_folds': {len(set(labelled.tolist()) - seen)} "
+                         "labelled patient(s) belong to no stage-one fold")
+    return out
+
+
 def metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
     """Balanced accuracy, accuracy and F1 of ``p >= threshold``; ROC and PR AUC of ``p``."""
     from sklearn import metrics as m

@@ -48,8 +48,18 @@ class SavedModel:
 
     @property
     def encoder_path(self) -> Path | None:
-        name = self.meta.get("encoder", {}).get("file")
-        return None if not name else self.path / name
+        """The encoder copy, checked against the sha256 in model.json (a file changed since
+        the model was saved is refused before anything is embedded with it)."""
+        info = self.meta.get("encoder", {})
+        name = info.get("file")
+        if not name:
+            return None
+        enc = self.path / name
+        want = info.get("sha256")
+        if want and enc.is_file() and sha256_file(enc) != want:
+            raise LymphError(f"{enc}: content does not match the sha256 in model.json "
+                             "(corrupted or replaced encoder copy)")
+        return enc
 
     @property
     def store_provenance(self) -> dict[str, Any]:
@@ -174,7 +184,11 @@ def load_model(path: str | os.PathLike[str]) -> SavedModel:
         raise LymphError(f"{wfile}: missing head weights")
     if sha256_file(wfile) != meta["weights"]["sha256"]:
         raise LymphError(f"{wfile}: content does not match the sha256 in model.json (corrupted)")
-    state = torch.load(wfile, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(wfile, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types (UnpicklingError for foreign objects)
+        raise LymphError(f"{wfile}: not loadable head weights ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
     params = dict(meta["params"])
     params["mlp"] = tuple(params["mlp"])
     est = MILClassifier(**params)
