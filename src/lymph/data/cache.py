@@ -34,6 +34,10 @@ log = logging.getLogger("lymph")
 ENCODING_TYPE = "lymph-image-cache"
 ENCODING_VERSION = "1"
 CHUNK = 256  # images per Zarr chunk: about 9.6 MB raw at 112 px
+STATS_STRIDE = 4  # channel statistics from every 4th image
+#: Pixels are stored uncompressed: decoded smear images barely compress (Blosc lz4: 14 %
+#: smaller on the dev set) and raw chunks write 1.5x and read 2x faster.
+COMPRESSORS = None
 
 
 @dataclass
@@ -105,8 +109,9 @@ def data_fingerprint(data: ChallengeData, settings: dict[str, Any]) -> str:
 def _decode_chunk(args: tuple[str, int, int, list[str], int, int | None]) -> tuple[int, np.ndarray, np.ndarray, list[str]]:
     """Decode images ``start:stop`` and write them straight into the Zarr array.
 
-    Returns the start index, per-image ok flags, per-channel sums (sum, sum of squares over
-    ok images, as float64 (2, 3)) and the messages of unreadable files.
+    Returns the start index, per-image ok flags, per-channel sums over the sampled ok
+    images (sum, sum of squares, pixel count: float64 (3, 3)) and the messages of
+    unreadable files.
     """
     import zarr
 
@@ -121,10 +126,12 @@ def _decode_chunk(args: tuple[str, int, int, list[str], int, int | None]) -> tup
             ok[k] = False
             bad.append(str(e))
     zarr.open_array(arr_path, mode="r+")[start:stop] = out
-    # channel statistics from per-channel histograms (exact, and much cheaper than floats)
+    # channel statistics from per-channel histograms of every STATS_STRIDE-th image (a
+    # normalisation needs no more; histograms are exact and far cheaper than floats)
     v = np.arange(256, dtype=np.float64) / 255.0
-    hist = np.stack([np.bincount(out[ok, c].ravel(), minlength=256) for c in range(3)])
-    sums = np.stack([hist @ v, hist @ (v * v)])
+    sample = out[ok][::STATS_STRIDE]
+    hist = np.stack([np.bincount(sample[:, c].ravel(), minlength=256) for c in range(3)])
+    sums = np.stack([hist @ v, hist @ (v * v), hist.sum(axis=1)])  # sum, sum of squares, n
     return start, ok, sums, bad
 
 
@@ -174,12 +181,11 @@ def ingest(
     workers = workers or os.cpu_count() or 1
     with atomic_path(out) as tmp:
         import zarr
-        from zarr.codecs import BloscCodec
 
         root = zarr.open_group(tmp, mode="w")
         root.create_array(
             "pixels", shape=(n, 3, size, size), dtype="uint8", chunks=(CHUNK, 3, size, size),
-            compressors=BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),
+            compressors=COMPRESSORS,
         )
         arr_path = str(tmp / "pixels")
         jobs = [
@@ -187,7 +193,7 @@ def ingest(
             for s in range(0, n, CHUNK)
         ]
         ok = np.ones(n, dtype=bool)
-        sums = np.zeros((2, 3))
+        sums = np.zeros((3, 3))
         bad: list[str] = []
         done = 0
         results: Any
@@ -227,8 +233,8 @@ def ingest(
             ptr = np.concatenate([[0], np.cumsum(keep_counts)]).astype(np.int64)
             paths = [p for p, k in zip(paths, ok) if k]
         n_ok = int(ok.sum())
-        mean = sums[0] / (n_ok * size * size)
-        std = np.sqrt(np.maximum(sums[1] / (n_ok * size * size) - mean**2, 0.0))
+        mean = sums[0] / sums[2]
+        std = np.sqrt(np.maximum(sums[1] / sums[2] - mean**2, 0.0))
         root.create_array("patient_ptr", data=ptr)
         table = data.table()
         patients = [
@@ -259,14 +265,13 @@ def _compact(folder: Path, ok: np.ndarray, size: int) -> None:
     import shutil
 
     import zarr
-    from zarr.codecs import BloscCodec
 
     src = zarr.open_array(folder / "pixels", mode="r")
     keep = np.flatnonzero(ok)
     dst = zarr.create_array(
         folder / "pixels_ok", shape=(keep.size, 3, size, size), dtype="uint8",
         chunks=(CHUNK, 3, size, size),
-        compressors=BloscCodec(cname="lz4", clevel=1, shuffle="bitshuffle"),
+        compressors=COMPRESSORS,
     )
     for s in range(0, keep.size, CHUNK):
         dst[s : s + CHUNK] = src.get_orthogonal_selection((keep[s : s + CHUNK],))

@@ -25,8 +25,8 @@ from lymph.data.cache import ImageCache
 from lymph.encoder import distributed as D
 from lymph.encoder.methods import Preprocess, get_method
 from lymph.encoder.model import train_flops_per_image
-from lymph.encoder.train import (ChunkFeeder, TrainConfig, autocast, build_model, feeder_threaded,
-                                 resolve_precision)
+from lymph.encoder.train import (ChunkFeeder, TrainConfig, autocast, build_model, cache_reader,
+                                 feeder_threaded, resolve_precision)
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5,
@@ -97,9 +97,11 @@ def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
         sync()
         return time.perf_counter() - t
 
+    read = cache_reader(cache)  # the training loop's reader (RAM when the cache fits)
+
     def run_cache(r: int) -> float:
         order = np.random.default_rng([seed, r]).permutation(len(blocks))
-        feeder = ChunkFeeder(cache.read, [blocks[i] for i in order], bs, steps,
+        feeder = ChunkFeeder(read, [blocks[i] for i in order], bs, steps,
                              np.random.default_rng([seed, r, 1]), buffer=tc.buffer_chunks,
                              pin=dev.type == "cuda", threaded=threaded_feed)
         sync()

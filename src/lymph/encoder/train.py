@@ -1,6 +1,7 @@
 """The stage-one training loop, for any trainable method of the registry.
 
-Data: the uint8 image cache, read in whole cache chunks (256 images) by a background
+Data: the uint8 image cache (held in RAM when it fits, :func:`cache_reader`), read in
+whole cache chunks (256 images) by a background
 thread (:class:`ChunkFeeder`), shuffled by chunk order and within a buffer of chunks, so
 the input pipeline costs a few percent of a step (``docs/benchmarks.md``). The pixels stay
 uint8 until the device: conversion, normalisation and augmentation happen there.
@@ -230,6 +231,19 @@ class ChunkFeeder:
                     th.join(0.01)
 
 
+def cache_reader(cache: ImageCache, max_bytes: int = 2 << 30) -> Callable[[int, int], np.ndarray]:
+    """``read(start, stop)`` for the feeder: from RAM when the cache fits in ``max_bytes``.
+
+    A cache that fits (the real dev set at 112 px is 408 MB) is decompressed once per
+    training run, so each epoch's feeding is a shuffle of in-memory uint8 images and the
+    input pipeline costs almost nothing; a larger cache is read chunk by chunk from Zarr.
+    """
+    if cache.n_images * 3 * cache.size * cache.size <= max_bytes:
+        pixels = cache.read_all()
+        return lambda a, b: pixels[a:b]
+    return cache.read
+
+
 # ---- training ----------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -350,13 +364,14 @@ def train(
             **(extra or {}),
         }
         n_img, seconds = 0, 0.0
+        read = cache_reader(cache)
         for epoch in range(start, config.epochs):
             gen = torch.Generator().manual_seed(_mix(config.seed, epoch, env.rank))
             prep = Preprocess(cache.channel_mean, cache.channel_std, dev, channels_last=True,
                               generator=gen)
             my_blocks, steps = epoch_plan(cache.n_images, chunk, env, config.batch_size,
                                           config.seed, epoch, keep)
-            feeder = ChunkFeeder(cache.read, my_blocks, config.batch_size, steps,
+            feeder = ChunkFeeder(read, my_blocks, config.batch_size, steps,
                                  np.random.default_rng([config.seed, epoch, env.rank, 1]),
                                  buffer=config.buffer_chunks, pin=dev.type == "cuda",
                                  threaded=feeder_threaded(dev), keep=keep,
