@@ -213,8 +213,9 @@ class ContrastiveMethod:
     default_crop: int | None = 160
     # TrainConfig defaults for this method (the command line overrides them). Budget: the
     # dev set (10,850 cells) in about 30 minutes on the shared 2-core CPU. Measured there
-    # (bf16, two views, forward + backward; docs/benchmarks.md) about 100 cells/s with the
-    # machine shared, so an epoch takes ~110 s: 15 epochs is ~27 min. Batch 256 gives 510
+    # (bf16, two views, forward + backward; docs/benchmarks.md) 70 cells/s on average
+    # while three other jobs shared the cores (15 epochs: 39 min) and 478 cells/s idle
+    # (15 epochs: 6 min); 15 epochs keeps a shared machine near 30 min. Batch 256 gives 510
     # negatives per view (NT-Xent improves with more negatives, and a CPU wastes less time
     # per image in large batches) and still 42 updates per epoch; Adam at 1e-3, with a
     # little weight decay as in SimCLR.
