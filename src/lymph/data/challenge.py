@@ -259,10 +259,15 @@ def _find_csv(folder: Path) -> Path:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files of a patient folder in file-name order (hidden files ignored)."""
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+    import os
+
+    with os.scandir(folder) as it:  # DirEntry.is_file() needs no extra stat call
+        names = sorted(
+            e.name for e in it
+            if e.is_file() and not e.name.startswith(".")
+            and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES
+        )
+    return [folder / n for n in names]
 
 
 def read_split_folder(folder: Path, split: str | None = None) -> list[Patient]:
