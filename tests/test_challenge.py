@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lymph.cli import app
-from lymph.data.challenge import (REFERENCE_DATE, parse_dob, read_challenge, read_split_csv)
+from lymph.data.challenge import REFERENCE_DATE, parse_dob, read_challenge
 from lymph.errors import LymphError
 
 HEADER = "ID,LABEL,GENDER,DOB,LYMPH_COUNT\n"

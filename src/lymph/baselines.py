@@ -23,7 +23,6 @@ split for early stopping and the threshold.
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,7 +35,8 @@ from lymph.errors import LymphError
 from lymph.head.bags import Scaler, check_bags, instances_of, make_buckets
 from lymph.head.estimator import _threads, _where, clinical_matrix
 from lymph.head.pooling import AttentionPool
-from lymph.head.train import _slice, choose_threshold, forward_groups, make_groups, weighted_bce
+from lymph.head.train import choose_threshold, forward_groups, make_groups, weighted_bce
+from lymph.head.train import train as train_head
 
 LOGIT_COLUMNS = ("logit", "weak:logit")
 
@@ -248,51 +248,22 @@ class MoENet(nn.Module):
         return log_p - log_q, a
 
 
-def _train_moe(model: MoENet, train_groups: list, val_groups: list | None, n_val: int, *,
-               aux: float, lr: float, weight_decay: float, max_epochs: int, patience: int,
-               batch_size: int, rng: np.random.Generator) -> tuple[int, int]:
-    """The head's training loop (:func:`lymph.head.train.train`: padded mini-batches cut
-    from buckets, Adam, early stopping on the inner validation mixture BCE, best weights
-    kept) with the mixture's BCE plus ``aux`` x each expert's own BCE: without the auxiliary
-    terms the gate tends to settle on one expert before the other has learned anything.
-    Returns (best epoch, epochs run)."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, foreach=True)
+def _moe_loss(aux: float) -> Any:
+    """The mixture's class-weighted BCE plus ``aux`` x each expert's own: without the
+    auxiliary terms the gate tends to settle on one expert before the other has learned
+    anything. Trained by the head's loop (:func:`lymph.head.train.train`: padded
+    mini-batches cut from buckets, Adam, early stopping on the inner validation mixture
+    BCE, best weights kept)."""
     ls = nn.functional.logsigmoid
-    best_loss, best_epoch, best_state = float("inf"), max_epochs, None
-    if val_groups:
-        val_y = torch.cat([g.y for g in val_groups])
-        val_w = torch.cat([g.w for g in val_groups])
-        val_order = np.concatenate([g.pos for g in val_groups])
-    epoch = 0
-    for epoch in range(1, max_epochs + 1):
-        model.train()
-        batches = [(g, chunk) for g in train_groups
-                   for chunk in np.array_split(rng.permutation(len(g.pos)),
-                                               max(1, round(len(g.pos) / batch_size)))]
-        for k in rng.permutation(len(batches)):
-            g, idx = batches[k]
-            x, m = _slice(g, idx)
-            t = torch.from_numpy(idx)
-            li, lc, s, _ = model.parts(x, m, g.clin[t])
-            mix = (torch.logaddexp(ls(s) + ls(li), ls(-s) + ls(lc))
-                   - torch.logaddexp(ls(s) + ls(-li), ls(-s) + ls(-lc)))
-            y, w = g.y[t], g.w[t]
-            loss = weighted_bce(mix, y, w) + aux * (weighted_bce(li, y, w) + weighted_bce(lc, y, w))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if val_groups:
-            logits, _ = forward_groups(model, val_groups, n_val)
-            vl = float(weighted_bce(torch.from_numpy(logits[val_order]), val_y, val_w))
-            if vl < best_loss - 1e-6:
-                best_loss, best_epoch = vl, epoch
-                best_state = copy.deepcopy(model.state_dict())
-            elif epoch - best_epoch >= patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    return best_epoch, epoch
+
+    def loss(model: Any, x: Any, m: Any, clin: torch.Tensor, y: torch.Tensor,
+             w: torch.Tensor) -> torch.Tensor:
+        li, lc, s, _ = model.parts(x, m, clin)
+        mix = (torch.logaddexp(ls(s) + ls(li), ls(-s) + ls(lc))
+               - torch.logaddexp(ls(s) + ls(-li), ls(-s) + ls(-lc)))
+        return weighted_bce(mix, y, w) + aux * (weighted_bce(li, y, w) + weighted_bce(lc, y, w))
+
+    return loss
 
 
 class MixtureOfExperts(BaseEstimator, ClassifierMixin):
@@ -304,7 +275,7 @@ class MixtureOfExperts(BaseEstimator, ClassifierMixin):
     ``pi_clin = 1 - pi_img``; the prediction is ``pi_img p_img + pi_clin p_clin``. Trained end
     to end with class-balanced BCE of the mixture plus ``aux_weight`` x each expert's own
     BCE (0 gives the plain mixture loss), vectorised (padded, masked buckets of the head,
-    see :func:`_train_moe`); early stopping and threshold on an inner stratified
+    see :func:`_moe_loss`); early stopping and threshold on an inner stratified
     validation split.
 
     Defaults (measured on the dev morphometry store, 5-fold, and on planted synthetic
@@ -367,10 +338,12 @@ class MixtureOfExperts(BaseEstimator, ClassifierMixin):
             torch.manual_seed(self.seed)
             self.model_ = MoENet(self.dim_, len(self.clinical_columns_), self.attention_hidden,
                                  self.hidden, self.dropout, self.image_hidden, self.gate_bias)
-            self.best_epoch_, self.epochs_run_ = _train_moe(
-                self.model_, tr_groups, va_groups, va.size, aux=self.aux_weight, lr=self.lr,
+            res = train_head(
+                self.model_, tr_groups, va_groups, va.size, lr=self.lr,
                 weight_decay=self.weight_decay, max_epochs=self.max_epochs,
-                patience=self.patience, batch_size=self.batch_size, rng=rng)
+                patience=self.patience, batch_size=self.batch_size, rng=rng,
+                batch_loss=_moe_loss(self.aux_weight), fused=False)
+            self.best_epoch_, self.epochs_run_ = res.best_epoch, res.epochs_run
         if self.threshold == "inner" and va.size:
             logits, _ = forward_groups(self.model_, va_groups or [], va.size)
             self.threshold_ = choose_threshold(y[va], 1.0 / (1.0 + np.exp(-logits.astype(np.float64))))

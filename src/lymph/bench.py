@@ -45,7 +45,6 @@ def run_bench(data: str | Path | None = None, *, device: str = "auto", quick: bo
         s1 = bench_stage_one(cache, device=device, steps=10 if quick else 40,
                              repeats=1 if quick else 3, embed_images=512 if quick else 2048)
 
-        from lymph.encoder.embed import embed_cache  # noqa: F401  (import cost outside timing)
         from lymph.head.bench import bench_fit_head
         from lymph.store import open_store
 

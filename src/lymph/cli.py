@@ -325,9 +325,6 @@ def compare_baselines(
     folds_from_store: Annotated[bool, typer.Option("--folds-from-store", help="Use stage one's folds recorded in a weak store (one repeat; --folds/--repeats ignored), to measure stacking optimism.")] = False,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
-    from rich.console import Console
-    from rich.table import Table
-
     from lymph.compare import run_compare
     from lymph.console import progress_bar
 

@@ -13,7 +13,7 @@ step (forward + backward) is about 3x the forward: 112 MFLOP per image. See
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch

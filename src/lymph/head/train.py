@@ -17,6 +17,7 @@ class-balanced loss). ``threshold=0.5`` (or any number) skips the choice.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,14 +114,30 @@ class TrainResult:
     val_loss: list[float] = field(default_factory=list)
 
 
+#: ``batch_loss(model, x, mask, clin, y, w) -> scalar``: the training loss of one mini-batch.
+BatchLoss = Callable[[nn.Module, "torch.Tensor | None", "torch.Tensor | None", torch.Tensor,
+                      torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def head_bce(model: nn.Module, x: torch.Tensor | None, m: torch.Tensor | None,
+             clin: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The default batch loss: class-weighted BCE of the model's logit."""
+    z, _ = model(x, m, clin)
+    return weighted_bce(z, y, w)
+
+
 def train(model: nn.Module, train_groups: list[Group], val_groups: list[Group] | None,
           n_val: int, *, lr: float, weight_decay: float, max_epochs: int, patience: int,
-          batch_size: int, rng: np.random.Generator) -> TrainResult:
+          batch_size: int, rng: np.random.Generator, batch_loss: BatchLoss = head_bce,
+          fused: bool = True) -> TrainResult:
     """Train ``model`` in place (ending with the best epoch's weights) and report epochs.
 
     Without validation groups it trains ``max_epochs`` epochs and keeps the last weights.
+    ``batch_loss`` replaces the training loss (the mixture of experts adds its experts'
+    terms); early stopping always scores the model's own logit by weighted BCE.
     """
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay,
+                           **({"fused": True} if fused else {"foreach": True}))
     best_loss, best_epoch, best_state = float("inf"), max_epochs, None
     val_y = val_w = None
     if val_groups:
@@ -138,8 +155,7 @@ def train(model: nn.Module, train_groups: list[Group], val_groups: list[Group] |
             g, idx = batches[k]
             x, m = _slice(g, idx)
             t = torch.from_numpy(idx)
-            z, _ = model(x, m, g.clin[t])
-            loss = weighted_bce(z, g.y[t], g.w[t])  # type: ignore[index]
+            loss = batch_loss(model, x, m, g.clin[t], g.y[t], g.w[t])  # type: ignore[index]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
