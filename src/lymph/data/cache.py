@@ -254,10 +254,12 @@ def ingest(
                 "patients": patients,
                 "paths": paths,
                 "n_skipped": len(bad),
+                # the format stamp goes in the same single write of zarr.json, after the
+                # arrays are complete: an interrupted ingest never leaves a valid cache
+                "encoding-type": ENCODING_TYPE,
+                "encoding-version": ENCODING_VERSION,
             }
         )
-        # stamped last: an interrupted ingest never leaves a cache that opens as valid
-        root.attrs.update({"encoding-type": ENCODING_TYPE, "encoding-version": ENCODING_VERSION})
     if bad:
         log.warning("%d unreadable image(s) skipped", len(bad))
     return IngestResult(out, False, n_ok, len(patients), bad)
