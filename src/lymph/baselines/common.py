@@ -1,0 +1,105 @@
+"""Helpers shared by the comparison estimators: labelled rows, inner folds, thresholds,
+BLAS threads and per-bag statistics without a loop over bags."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from lymph.errors import LymphError
+from lymph.head.estimator import _where
+from lymph.head.train import choose_threshold
+
+
+# ---- shared helpers ------------------------------------------------------------------------
+def _labelled(store: Any) -> tuple[np.ndarray, np.ndarray]:
+    rows = store.labelled()
+    if rows.size == 0:
+        raise LymphError(f"{_where(store)}: /patients/label: no labelled patients to fit on "
+                         "(empty selection; expected labels 0 or 1)")
+    y = store.labels[rows].astype(np.int64)
+    if np.unique(y).size < 2:
+        raise LymphError(f"{_where(store)}: /patients/label: the fit patients are all of "
+                         f"class {int(y[0])}; expected both classes")
+    return rows, y
+
+
+def _need_clinical(store: Any, name: str) -> list[str]:
+    cols = list(store.clinical_columns)
+    if not cols:
+        raise LymphError(f"{_where(store)}: /patients/clinical: no clinical columns, but "
+                         f"{name} needs clinical features")
+    return cols
+
+
+def _inner_folds(y: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified inner folds over positions ``0..len(y)-1``; [] when a class is too small."""
+    from sklearn.model_selection import StratifiedKFold
+
+    k = min(k, int(np.bincount(y, minlength=2).min()))
+    if k < 2:
+        return []
+    return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
+
+
+def _oof(make: Any, x: np.ndarray, y: np.ndarray, folds: list) -> np.ndarray:
+    """Out-of-fold P(class 1) of ``make()`` (an sklearn classifier factory) over ``folds``."""
+    p = np.full(len(y), np.nan)
+    for tr, va in folds:
+        p[va] = make().fit(x[tr], y[tr]).predict_proba(x[va])[:, 1]
+    return p
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None = 1) -> Iterator[None]:
+    """Limit the BLAS threads (OpenBLAS) while fitting small scikit-learn models: on a
+    shared 2-core machine scipy's L-BFGS on a few thousand rows is ~15x faster with one
+    thread than with two (thread spinning). ``None`` keeps the process setting."""
+    if n is None:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
+
+
+def _threshold(param: str | float, y: np.ndarray, p_oof: np.ndarray | None) -> float:
+    if param != "inner":
+        return float(param)
+    if p_oof is None or not np.isfinite(p_oof).all():
+        return 0.5
+    return choose_threshold(y, p_oof)
+
+
+def _check_threshold(t: Any) -> None:
+    if not (t == "inner" or (isinstance(t, (int, float)) and 0.0 < float(t) < 1.0)):
+        raise LymphError(f"threshold: expected 'inner' or a number in (0, 1), got {t!r}")
+
+
+def _proba(p: np.ndarray) -> np.ndarray:
+    p = np.asarray(p, dtype=np.float64)
+    return np.stack([1.0 - p, p], axis=1)
+
+
+def bag_mean_quantile(values: np.ndarray, ptr: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per bag (CSR ``ptr``), the mean and the ``q`` quantile (linear interpolation, as
+    ``np.quantile``) of the instance ``values``. Vectorised: one sort, no loop over bags."""
+    sizes = np.diff(ptr)
+    if (sizes == 0).any():
+        raise LymphError("bag_mean_quantile: a bag without instances (expected at least one)")
+    bag = np.repeat(np.arange(sizes.size), sizes)
+    v = np.asarray(values, dtype=np.float64)
+    mean = np.bincount(bag, weights=v, minlength=sizes.size) / sizes
+    order = np.lexsort((v, bag))  # sorted by bag, then value
+    s = v[order]
+    pos = q * (sizes - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, sizes - 1)
+    frac = pos - lo
+    start = ptr[:-1]
+    quant = s[start + lo] * (1.0 - frac) + s[start + hi] * frac
+    return mean, quant

@@ -1,0 +1,305 @@
+"""Late fusion (issue 9): a pooled image score joins the clinical features in a
+regularised logistic regression."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from lymph.baselines.common import (
+    _check_threshold,
+    _inner_folds,
+    _labelled,
+    _need_clinical,
+    _oof,
+    _proba,
+    _threshold,
+    bag_mean_quantile,
+    blas_threads,
+)
+from lymph.errors import LymphError
+from lymph.head.bags import Scaler, check_bags, instances_of
+from lymph.head.estimator import _where, clinical_matrix
+
+LOGIT_COLUMNS = ("logit", "weak:logit")
+
+
+# ---- late fusion -------------------------------------------------------------------------------
+def logit_column(store: Any) -> str | None:
+    """The store's weak-supervision cell-logit column (``logit``, ``weak:logit`` or any
+    ``PREFIX:logit``), or None."""
+    cols = list(store.feature_columns or [])
+    for name in LOGIT_COLUMNS:
+        if name in cols:
+            return name
+    hits = [c for c in cols if c.endswith(":logit")]
+    return hits[0] if hits else None
+
+
+class LateFusion(BaseEstimator, ClassifierMixin):
+    """Late fusion (stacking): pooled image scores + standardised clinical features ->
+    regularised (L2) logistic regression, class-balanced.
+
+    The image score of a cell:
+
+    - a **weak-supervision store** (a cell-logit column ``logit`` / ``weak:logit``): the
+      logit itself. Stage one already wrote out-of-fold logits for labelled patients, so
+      nothing is learned here from images.
+    - **any other store** (autoencoder, morphometry, ...): a learned linear projection, an
+      instance-level L2 logistic regression on the standardised instance features with every
+      instance labelled by its patient's label (instance weight ``1 / bag size``, classes
+      balanced, so each patient counts once). It is fitted on the fit patients only. The
+      scores the fusion regression is trained on are **nested out of fold**: for each of
+      ``inner_folds`` stratified folds of the fit patients, a projection fitted on the other
+      folds scores that fold's patients; the projection refitted on all fit patients scores
+      new patients. So the fusion never sees a score from a projection that saw the patient.
+
+    Pooling: each bag gives two image features, the mean and the ``quantile`` (default 0.75)
+    of its cells' scores. The fusion regression's ``C`` is chosen from ``Cs`` by inner
+    stratified CV (``inner_folds`` folds, log loss) on the fit patients; the threshold from
+    that CV's out-of-fold probabilities at the chosen ``C``; the final regression is refitted
+    on all fit patients. Saved without pickles: :meth:`to_json` / :meth:`from_json`.
+    """
+
+    inputs = "images+clinical"
+    images = True  # uses the store's image features (predict checks the encoder)
+    clinical = True
+
+    def __init__(self, Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0), quantile: float = 0.75,
+                 projection_C: float = 1.0, inner_folds: int = 5,
+                 threshold: str | float = "inner", seed: int = 0, n_threads: int | None = 1) -> None:
+        self.Cs = Cs
+        self.quantile = quantile
+        self.projection_C = projection_C
+        self.inner_folds = inner_folds
+        self.threshold = threshold
+        self.seed = seed
+        self.n_threads = n_threads
+
+    # ---- image scores ----------------------------------------------------------------------
+    def _fit_projection(self, store: Any, rows: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+        """Instance-level LR on the patients ``rows`` (labels ``y``): (coef (D,), intercept)
+        in the space of instances standardised by ``self.instance_scaler_``."""
+        from sklearn.linear_model import LogisticRegression
+
+        sizes = store.bag_sizes[rows]
+        x = self.instance_scaler_.transform(instances_of(store.embeddings, store.patient_ptr, rows))
+        yi = np.repeat(y, sizes)
+        counts = np.bincount(y, minlength=2).astype(np.float64)
+        w = np.repeat((len(y) / (2.0 * counts))[y] / sizes, sizes)
+        lr = LogisticRegression(C=self.projection_C, max_iter=500)
+        lr.fit(x, yi, sample_weight=w)
+        return lr.coef_[0].astype(np.float64), float(lr.intercept_[0])
+
+    def _cell_scores(self, store: Any, rows: np.ndarray, proj: tuple[np.ndarray, float] | None
+                     ) -> np.ndarray:
+        emb = instances_of(store.embeddings, store.patient_ptr, rows)
+        if self.logit_column_ is not None:
+            return emb[:, list(store.feature_columns).index(self.logit_column_)].astype(np.float64)
+        assert proj is not None
+        return self.instance_scaler_.transform(emb).astype(np.float64) @ proj[0] + proj[1]
+
+    def _bag_features(self, store: Any, rows: np.ndarray, proj: tuple[np.ndarray, float] | None
+                      ) -> np.ndarray:
+        sizes = store.bag_sizes[rows]
+        ptr = np.concatenate([[0], np.cumsum(sizes)])
+        mean, q = bag_mean_quantile(self._cell_scores(store, rows, proj), ptr, self.quantile)
+        return np.stack([mean, q], axis=1)
+
+    # ---- fit -----------------------------------------------------------------------------------
+    def fit(self, store: Any) -> LateFusion:
+        with blas_threads(self.n_threads):
+            return self._fit(store)
+
+    def _fit(self, store: Any) -> LateFusion:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import log_loss
+
+        _check_threshold(self.threshold)
+        if not 0.0 <= self.quantile <= 1.0:
+            raise LymphError(f"quantile: expected a number in [0, 1], got {self.quantile!r}")
+        if not self.Cs or any(float(c) <= 0 for c in self.Cs):
+            raise LymphError(f"Cs: expected positive numbers, got {self.Cs!r}")
+        rows, y = _labelled(store)
+        self.clinical_columns_ = _need_clinical(store, "LateFusion")
+        check_bags(store, rows)
+        self.classes_ = np.array([0, 1])
+        self.dim_ = store.dim
+        self.feature_columns_ = None if store.feature_columns is None else list(store.feature_columns)
+        self.logit_column_ = logit_column(store)
+        inner = _inner_folds(y, self.inner_folds, self.seed)
+        if self.logit_column_ is not None:
+            self.instance_scaler_ = None
+            self.projection_ = None
+            img = self._bag_features(store, rows, None)
+        else:
+            self.instance_scaler_ = Scaler.fit(instances_of(store.embeddings, store.patient_ptr, rows))
+            img = np.zeros((rows.size, 2))
+            if inner:  # nested: OOF image scores for the fusion regression's training
+                for tr, va in inner:
+                    proj = self._fit_projection(store, rows[tr], y[tr])
+                    img[va] = self._bag_features(store, rows[va], proj)
+            self.projection_ = self._fit_projection(store, rows, y)
+            if not inner:
+                img = self._bag_features(store, rows, self.projection_)
+        clin = clinical_matrix(store, self.clinical_columns_)[rows].astype(np.float64)
+        feats = np.concatenate([clin, img], axis=1)
+        self.fusion_scaler_ = Scaler.fit(feats)
+        z = self.fusion_scaler_.transform(feats).astype(np.float64)
+
+        def make(c: float) -> Any:
+            return lambda: LogisticRegression(C=c, class_weight="balanced", max_iter=1000)
+
+        best_c, best_loss, best_oof = float(self.Cs[-1]), np.inf, None
+        if len(self.Cs) > 1 or self.threshold == "inner":
+            for c in self.Cs:
+                if not inner:
+                    break
+                p = _oof(make(float(c)), z, y, inner)
+                loss = log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])
+                if loss < best_loss - 1e-12:
+                    best_c, best_loss, best_oof = float(c), loss, p
+        self.C_ = best_c
+        self.threshold_ = _threshold(self.threshold, y, best_oof)
+        lr = make(best_c)().fit(z, y)
+        self.coef_ = lr.coef_[0].astype(np.float64)
+        self.intercept_ = float(lr.intercept_[0])
+        return self
+
+    # ---- inference ---------------------------------------------------------------------------
+    def _check_store(self, store: Any) -> np.ndarray:
+        if not hasattr(self, "coef_"):
+            raise LymphError("LateFusion: not fitted (call fit first)")
+        if store.n_patients == 0:
+            raise LymphError(f"{_where(store)}: no patients to predict (empty selection)")
+        if store.dim != self.dim_:
+            raise LymphError(f"{_where(store)}: /embeddings: expected {self.dim_} features per "
+                             f"image (the model's encoder), got {store.dim}")
+        if (self.feature_columns_ is not None and store.feature_columns is not None
+                and list(store.feature_columns) != self.feature_columns_):
+            raise LymphError(f"{_where(store)}: /embeddings attribute 'columns' differs from the "
+                             "model's feature columns: a store from another encoder?")
+        rows = np.arange(store.n_patients)
+        check_bags(store, rows)
+        return rows
+
+    def decision_function(self, store: Any) -> np.ndarray:
+        rows = self._check_store(store)
+        clin = clinical_matrix(store, self.clinical_columns_).astype(np.float64)
+        with blas_threads(getattr(self, "n_threads", 1)):
+            img = self._bag_features(store, rows, self.projection_)
+        feats = np.concatenate([clin, img], axis=1)
+        return self.fusion_scaler_.transform(feats).astype(np.float64) @ self.coef_ + self.intercept_
+
+    def predict_proba(self, store: Any) -> np.ndarray:
+        return _proba(1.0 / (1.0 + np.exp(-self.decision_function(store))))
+
+    def predict(self, store: Any) -> np.ndarray:
+        return (self.predict_proba(store)[:, 1] >= self.threshold_).astype(np.int64)
+
+    def cell_scores(self, store: Any) -> list[np.ndarray]:
+        """Per patient, each cell's image score (cell logit or learned projection)."""
+        rows = self._check_store(store)
+        s = self._cell_scores(store, rows, self.projection_)
+        return np.split(s, np.cumsum(store.bag_sizes)[:-1])
+
+    def attention(self, store: Any) -> list[np.ndarray]:
+        """Per patient, the mean pooling's weight of each cell (``1 / n``), for the
+        attention-based views; the ranking that explains a decision is :meth:`cell_scores`."""
+        rows = self._check_store(store)
+        return [np.full(int(n), 1.0 / n) for n in store.bag_sizes[rows]]
+
+    def coefficients(self) -> dict[str, float]:
+        """The fusion regression's coefficients by feature name (standardised inputs)."""
+        names = list(self.clinical_columns_) + ["image_mean", f"image_q{round(100 * self.quantile)}"]
+        return dict(zip(names, (float(v) for v in self.coef_)))
+
+    # ---- JSON (model directory; no pickles) --------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        if not hasattr(self, "coef_"):
+            raise LymphError("LateFusion: not fitted (call fit first)")
+        params = self.get_params()
+        params["Cs"] = [float(c) for c in params["Cs"]]
+        return {
+            "params": params,
+            "clinical_columns": list(self.clinical_columns_),
+            "feature_columns": self.feature_columns_,
+            "dim": int(self.dim_),
+            "logit_column": self.logit_column_,
+            "instance_scaler": None if self.instance_scaler_ is None else self.instance_scaler_.to_json(),
+            "projection": None if self.projection_ is None else {
+                "coef": [float(v) for v in self.projection_[0]], "intercept": self.projection_[1]},
+            "fusion_scaler": self.fusion_scaler_.to_json(),
+            "coef": [float(v) for v in self.coef_],
+            "intercept": self.intercept_,
+            "C": self.C_,
+            "threshold": float(self.threshold_),
+            "coefficients": self.coefficients(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LateFusion:
+        params = dict(d["params"])
+        params["Cs"] = tuple(params["Cs"])
+        est = cls(**params)
+        est.classes_ = np.array([0, 1])
+        est.clinical_columns_ = list(d["clinical_columns"])
+        est.feature_columns_ = d["feature_columns"]
+        est.dim_ = int(d["dim"])
+        est.logit_column_ = d["logit_column"]
+        est.instance_scaler_ = None if d["instance_scaler"] is None else Scaler.from_json(d["instance_scaler"])
+        pj = d["projection"]
+        est.projection_ = None if pj is None else (np.asarray(pj["coef"], dtype=np.float64),
+                                                   float(pj["intercept"]))
+        est.fusion_scaler_ = Scaler.from_json(d["fusion_scaler"])
+        est.coef_ = np.asarray(d["coef"], dtype=np.float64)
+        est.intercept_ = float(d["intercept"])
+        est.C_ = float(d["C"])
+        est.threshold_ = float(d["threshold"])
+        return est
+
+
+def save_late_fusion(model: LateFusion, path: Any, *, store: Any,
+                     extra: dict[str, Any] | None = None) -> Any:
+    """Write a fitted :class:`LateFusion` as a model directory (``lymph-model`` format 1,
+    ``estimator: "LateFusion"``): ``model.json`` holds the whole state as JSON numbers
+    (:meth:`LateFusion.to_json` under ``"late_fusion"``), no weights file, no pickles.
+    Called by :func:`lymph.head.modeldir.save_model`; read back by ``load_model``."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import lymph
+    from lymph.atomic import atomic_path
+    from lymph.head.modeldir import ENCODING_TYPE, ENCODING_VERSION, _copy_encoder
+
+    state = model.to_json()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        meta = {
+            "encoding-type": ENCODING_TYPE,
+            "encoding-version": ENCODING_VERSION,
+            "lymph_version": lymph.__version__,
+            "estimator": "LateFusion",
+            "fusion": "late",
+            "params": state["params"],
+            "clinical_columns": state["clinical_columns"],
+            "feature_columns": state["feature_columns"],
+            "dim": state["dim"],
+            "threshold": state["threshold"],
+            "late_fusion": state,
+            "training": {"n_patients": int(store.labelled().size),
+                         "n_malignant": int((store.labels == 1).sum())},
+            "store": {"path": None if store.path is None else str(Path(store.path).resolve()),
+                      "fingerprint": store.fingerprint, "provenance": store.provenance},
+            "encoder": _copy_encoder(store, tmp),
+        }
+        for name, src in (extra or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp / name)
+        (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=str) + "\n",
+                                        encoding="utf-8")
+    return path
