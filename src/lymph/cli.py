@@ -43,15 +43,6 @@ def handles_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _range(value: str, option: str) -> tuple[int, int]:
-    try:
-        a, _, b = value.partition(":")
-        lo, hi = int(a), int(b or a)
-    except ValueError:
-        raise LymphError(f"{option}: expected MIN:MAX (e.g. 8:24), got {value!r}") from None
-    return lo, hi
-
-
 def write_json(path: Path, obj: Any) -> None:
     from lymph.atomic import write_text_atomic
 
@@ -69,9 +60,9 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed; fixes every pixel and value.")] = 0,
 ) -> None:
     """Write a synthetic dataset in the challenge layout (for the demo and the tests)."""
-    from lymph.data.synth import SynthConfig, make_synthetic
+    from lymph.data.synth import SynthConfig, make_synthetic, parse_range
 
-    lo, hi = _range(images, "--images")
+    lo, hi = parse_range(images, "--images")
     cfg = SynthConfig(patients=patients, test_patients=test_patients, images_min=lo,
                       images_max=hi, size=size, seed=seed)
     out = make_synthetic(out_dir, cfg)

@@ -55,6 +55,16 @@ class SynthConfig:
             raise LymphError(f"--size: expected at least 16 pixels, got {self.size}")
 
 
+def parse_range(value: str, option: str) -> tuple[int, int]:
+    """``"MIN:MAX"`` (or ``"N"``) -> ``(MIN, MAX)``; ``option`` names the setting in errors."""
+    try:
+        a, _, b = str(value).partition(":")
+        lo, hi = int(a), int(b or a)
+    except ValueError:
+        raise LymphError(f"{option}: expected MIN:MAX (e.g. 8:24), got {value!r}") from None
+    return lo, hi
+
+
 def draw_cell(rng: np.random.Generator, size: int, atypical: bool) -> np.ndarray:
     """One cell image, ``(size, size, 3)`` uint8 RGB. Nucleus radius is known:
     ``TYPICAL_NUCLEUS * size`` (or ``ATYPICAL_NUCLEUS``) times a factor in [0.93, 1.07]."""

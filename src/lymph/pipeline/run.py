@@ -55,10 +55,9 @@ def _data_input(cfg: dict[str, Any]) -> tuple[dict[str, Any], Callable[[Path], P
 
 def _build_synth(settings: dict[str, Any]) -> Callable[[Path], Path]:
     def build(folder: Path) -> Path:
-        from lymph.cli import _range
-        from lymph.data.synth import SynthConfig, make_synthetic
+        from lymph.data.synth import SynthConfig, make_synthetic, parse_range
 
-        lo, hi = _range(settings["synth_images"], "data.synth_images")
+        lo, hi = parse_range(settings["synth_images"], "data.synth_images")
         return make_synthetic(folder / "data", SynthConfig(
             patients=settings["synth_patients"], test_patients=settings["synth_test_patients"],
             images_min=lo, images_max=hi, size=settings["synth_size"], seed=settings["synth_seed"]))
