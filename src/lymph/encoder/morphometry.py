@@ -312,6 +312,6 @@ def write_morphometry_store(
             "method": "morphometry", "morphometry_version": MORPHOMETRY_VERSION,
             "data_fingerprint": cache.fingerprint, "lymph_version": lymph.__version__,
             "config": morphometry_config(), "dim": len(MORPHOMETRY_COLUMNS),
-            "image_size": cache.size,
+            "image_size": cache.size, "image_crop": cache.crop,
         },
     )

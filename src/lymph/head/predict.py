@@ -62,6 +62,43 @@ def _csv(rows: list[list[Any]], header: list[str]) -> str:
     return buf.getvalue()
 
 
+def embed_like_model(saved: SavedModel, data: Path, store_path: Path, work_dir: Path, *,
+                     device: str = "auto") -> Path | None:
+    """Make a store of ``data`` the way the model's training store was made.
+
+    With the encoder copy of the model directory (any trained method, or a combination's
+    checkpoint) through :func:`lymph.encoder.embed.embed_dataset`; for a morphometry model
+    (no encoder) by ingesting at the training store's image size and measuring again.
+    Returns the image cache used (for montages), or None.
+    """
+    from lymph.data.cache import ingest, open_cache
+
+    enc = saved.encoder_path
+    prov = saved.store_provenance
+    if enc is not None and enc.exists():
+        from lymph.encoder.embed import embed_dataset
+
+        embed_dataset(data, enc, store_path, work_dir=work_dir, device=device)
+        caches = sorted(work_dir.glob("*.zarr"))
+        return caches[0] if caches else None
+    if prov.get("method") == "morphometry":
+        from lymph.encoder.morphometry import MORPHOMETRY_VERSION, write_morphometry_store
+
+        version = str(prov.get("morphometry_version", MORPHOMETRY_VERSION))
+        if version != MORPHOMETRY_VERSION:
+            raise LymphError(
+                f"{saved.path}: the model was trained on morphometry version {version}, this "
+                f"lymph measures version {MORPHOMETRY_VERSION}; refit the model")
+        cache_path = work_dir / "images.zarr"
+        ingest(data, cache_path, size=int(prov.get("image_size", 112)),
+               crop=prov.get("image_crop"))
+        write_morphometry_store(open_cache(cache_path), store_path)
+        return cache_path
+    raise LymphError(f"{saved.path}: the model directory holds no encoder checkpoint and its "
+                     f"store's method is {prov.get('method')!r}, so --data cannot be embedded "
+                     "the same way; use --store with a store made like the training store")
+
+
 def predict(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
             store: str | os.PathLike[str] | None = None,
             data: str | os.PathLike[str] | None = None,
@@ -77,21 +114,12 @@ def predict(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     saved = load_model(model_dir)
     out = Path(out)
     if data is not None:
-        enc = saved.encoder_path
-        if enc is None or not enc.exists():
-            raise LymphError(f"{saved.path}: the model directory holds no encoder checkpoint "
-                             "(its training store named none, or it was missing), so it cannot "
-                             "embed --data; use --store with a store from the same encoder")
-        try:
-            from lymph.encoder.embed import embed_dataset
-        except ImportError as e:
-            raise LymphError(f"predict --data needs stage one (lymph.encoder.embed): {e}") from None
         store_path = out.with_name(out.stem + ".store.h5")
         if work_dir is None:
             with tempfile.TemporaryDirectory(prefix=".lymph-predict-", dir=out.parent) as wd:
-                embed_dataset(Path(data), enc, store_path, work_dir=Path(wd), device=device)
+                embed_like_model(saved, Path(data), store_path, Path(wd), device=device)
         else:
-            embed_dataset(Path(data), enc, store_path, work_dir=Path(work_dir), device=device)
+            embed_like_model(saved, Path(data), store_path, Path(work_dir), device=device)
     else:
         store_path = Path(store)  # type: ignore[arg-type]
     s = open_store(store_path)

@@ -68,27 +68,10 @@ def _named(columns: list[str] | None) -> bool:
 
 def store_from_data(saved: Any, data: Path, work_dir: Path) -> tuple[Path, Path | None]:
     """Embed ``data`` the way the model's store was made; returns (store, image cache)."""
-    from lymph.data.cache import ingest, open_cache
+    from lymph.head.predict import embed_like_model
 
-    prov = saved.store_provenance
     store_path = work_dir / "explain.store.h5"
-    enc = saved.encoder_path
-    if enc is not None and enc.exists():
-        from lymph.encoder.embed import embed_dataset
-
-        embed_dataset(data, enc, store_path, work_dir=work_dir, device="auto")
-        caches = sorted(work_dir.glob("*.zarr"))
-        return store_path, (caches[0] if caches else None)
-    if prov.get("method") == "morphometry":
-        from lymph.encoder.morphometry import write_morphometry_store
-
-        cache_path = work_dir / "explain.images.zarr"
-        ingest(data, cache_path, size=int(prov.get("image_size", 112)))
-        write_morphometry_store(open_cache(cache_path), store_path)
-        return store_path, cache_path
-    raise LymphError(f"{saved.path}: the model directory holds no encoder checkpoint and its "
-                     f"store's method is {prov.get('method')!r}, so --data cannot be embedded "
-                     "the same way; use --store with a store made like the training store")
+    return store_path, embed_like_model(saved, data, store_path, work_dir)
 
 
 def explain(patient_id: str, model_dir: str | os.PathLike[str], *,
