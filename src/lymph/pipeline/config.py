@@ -30,12 +30,12 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "size": 112,  # the report downsamples 224 to 112
         "crop": 0,  # centre crop in source pixels before resizing; 0 = whole image
     },
-    "embed": {
+    "embed": {  # 0 = the method's own default (ae: dim 60, 20 epochs, batch 128, lr 1e-3)
         "method": "ae",
-        "dim": 60,
-        "epochs": 40,
-        "batch_size": 128,
-        "lr": 1e-3,
+        "dim": 0,
+        "epochs": 0,
+        "batch_size": 0,
+        "lr": 0.0,
         "seed": 0,
         "device": "auto",
         "folds": 5,  # weak supervision only: K fold-safe scorers

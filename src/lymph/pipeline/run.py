@@ -138,9 +138,10 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
 
         extra = {"folds": e["folds"]} if e["method"] == "weak" else {}
         out = folder / "store.h5"
-        s = run_embed(out=out, images=cache_path, method=e["method"], dim=e["dim"],
-                      epochs=e["epochs"], batch_size=e["batch_size"], lr=e["lr"], seed=e["seed"],
-                      device=e["device"], progress=progress, **extra)
+        s = run_embed(out=out, images=cache_path, method=e["method"], dim=e["dim"] or None,
+                      epochs=e["epochs"] or None, batch_size=e["batch_size"] or None,
+                      lr=e["lr"] or None, seed=e["seed"], device=e["device"], progress=progress,
+                      **extra)
         outs: dict[str, Any] = {"store": out}
         if s.checkpoint is not None:
             outs["encoder"] = s.checkpoint
