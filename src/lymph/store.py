@@ -43,6 +43,15 @@ def _str_dtype() -> Any:
     return h5py.string_dtype("utf-8")
 
 
+def bag_rows(patient_ptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The instance rows of patients ``rows`` (in that order, concatenated) and each
+    instance's position within its bag; vectorised, no loop over bags."""
+    rows = np.asarray(rows, dtype=np.int64)
+    sizes = patient_ptr[rows + 1] - patient_ptr[rows]
+    within = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    return np.repeat(patient_ptr[rows], sizes) + within, within
+
+
 @dataclass
 class EmbeddingStore:
     """An embedding store loaded in memory. Build with :func:`open_store`.
@@ -113,11 +122,7 @@ class EmbeddingStore:
         rows = np.asarray(rows, dtype=np.int64)
         sizes = self.bag_sizes[rows]
         ptr = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        take = (
-            np.concatenate([np.arange(self.patient_ptr[r], self.patient_ptr[r + 1]) for r in rows])
-            if rows.size
-            else np.zeros(0, dtype=np.int64)
-        )
+        take, _ = bag_rows(self.patient_ptr, rows)
         return EmbeddingStore(
             path=self.path,
             embeddings=self.embeddings[take],

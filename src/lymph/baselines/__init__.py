@@ -21,9 +21,8 @@ split for early stopping and the threshold.
 """
 from lymph.baselines.clinical import AdaBoostClinical, LogisticClinical
 from lymph.baselines.common import bag_mean_quantile, blas_threads
-from lymph.baselines.late_fusion import LOGIT_COLUMNS, LateFusion, logit_column, save_late_fusion
+from lymph.baselines.late_fusion import LOGIT_COLUMNS, LateFusion, logit_column
 from lymph.baselines.moe import MixtureOfExperts, MoENet
 
 __all__ = ["AdaBoostClinical", "LOGIT_COLUMNS", "LateFusion", "LogisticClinical",
-           "MixtureOfExperts", "MoENet", "bag_mean_quantile", "blas_threads", "logit_column",
-           "save_late_fusion"]
+           "MixtureOfExperts", "MoENet", "bag_mean_quantile", "blas_threads", "logit_column"]

@@ -10,7 +10,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from lymph.baselines.common import (
     _check_threshold,
     _inner_folds,
-    _labelled,
     _need_clinical,
     _oof,
     _proba,
@@ -18,7 +17,7 @@ from lymph.baselines.common import (
     blas_threads,
 )
 from lymph.errors import LymphError
-from lymph.head.estimator import clinical_matrix
+from lymph.head.estimator import clinical_matrix, labelled_rows
 
 
 # ---- clinical-only ---------------------------------------------------------------------------
@@ -36,7 +35,7 @@ class _ClinicalSK(BaseEstimator, ClassifierMixin):
 
     def _fit(self, store: Any) -> Any:
         _check_threshold(self.threshold)
-        rows, y = _labelled(store)
+        rows, y = labelled_rows(store)
         self.clinical_columns_ = _need_clinical(store, type(self).__name__)
         x = clinical_matrix(store, self.clinical_columns_)[rows].astype(np.float64)
         folds = _inner_folds(y, self.inner_folds, self.seed) if self.threshold == "inner" else []

@@ -15,18 +15,6 @@ from lymph.head.train import choose_threshold
 
 
 # ---- shared helpers ------------------------------------------------------------------------
-def _labelled(store: Any) -> tuple[np.ndarray, np.ndarray]:
-    rows = store.labelled()
-    if rows.size == 0:
-        raise LymphError(f"{_where(store)}: /patients/label: no labelled patients to fit on "
-                         "(empty selection; expected labels 0 or 1)")
-    y = store.labels[rows].astype(np.int64)
-    if np.unique(y).size < 2:
-        raise LymphError(f"{_where(store)}: /patients/label: the fit patients are all of "
-                         f"class {int(y[0])}; expected both classes")
-    return rows, y
-
-
 def _need_clinical(store: Any, name: str) -> list[str]:
     cols = list(store.clinical_columns)
     if not cols:

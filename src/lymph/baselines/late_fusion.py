@@ -11,7 +11,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from lymph.baselines.common import (
     _check_threshold,
     _inner_folds,
-    _labelled,
     _need_clinical,
     _oof,
     _proba,
@@ -21,7 +20,7 @@ from lymph.baselines.common import (
 )
 from lymph.errors import LymphError
 from lymph.head.bags import Scaler, check_bags, instances_of
-from lymph.head.estimator import _where, clinical_matrix
+from lymph.head.estimator import _where, clinical_matrix, labelled_rows
 
 LOGIT_COLUMNS = ("logit", "weak:logit")
 
@@ -122,7 +121,7 @@ class LateFusion(BaseEstimator, ClassifierMixin):
             raise LymphError(f"quantile: expected a number in [0, 1], got {self.quantile!r}")
         if not self.Cs or any(float(c) <= 0 for c in self.Cs):
             raise LymphError(f"Cs: expected positive numbers, got {self.Cs!r}")
-        rows, y = _labelled(store)
+        rows, y = labelled_rows(store)
         self.clinical_columns_ = _need_clinical(store, "LateFusion")
         check_bags(store, rows)
         self.classes_ = np.array([0, 1])
@@ -259,47 +258,3 @@ class LateFusion(BaseEstimator, ClassifierMixin):
         est.C_ = float(d["C"])
         est.threshold_ = float(d["threshold"])
         return est
-
-
-def save_late_fusion(model: LateFusion, path: Any, *, store: Any,
-                     extra: dict[str, Any] | None = None) -> Any:
-    """Write a fitted :class:`LateFusion` as a model directory (``lymph-model`` format 1,
-    ``estimator: "LateFusion"``): ``model.json`` holds the whole state as JSON numbers
-    (:meth:`LateFusion.to_json` under ``"late_fusion"``), no weights file, no pickles.
-    Called by :func:`lymph.head.modeldir.save_model`; read back by ``load_model``."""
-    import json
-    import shutil
-    from pathlib import Path
-
-    import lymph
-    from lymph.atomic import atomic_path
-    from lymph.head.modeldir import ENCODING_TYPE, ENCODING_VERSION, _copy_encoder
-
-    state = model.to_json()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.mkdir(parents=True)
-        meta = {
-            "encoding-type": ENCODING_TYPE,
-            "encoding-version": ENCODING_VERSION,
-            "lymph_version": lymph.__version__,
-            "estimator": "LateFusion",
-            "fusion": "late",
-            "params": state["params"],
-            "clinical_columns": state["clinical_columns"],
-            "feature_columns": state["feature_columns"],
-            "dim": state["dim"],
-            "threshold": state["threshold"],
-            "late_fusion": state,
-            "training": {"n_patients": int(store.labelled().size),
-                         "n_malignant": int((store.labels == 1).sum())},
-            "store": {"path": None if store.path is None else str(Path(store.path).resolve()),
-                      "fingerprint": store.fingerprint, "provenance": store.provenance},
-            "encoder": _copy_encoder(store, tmp),
-        }
-        for name, src in (extra or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, tmp / name)
-        (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=str) + "\n",
-                                        encoding="utf-8")
-    return path

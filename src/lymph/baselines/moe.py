@@ -9,10 +9,10 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
-from lymph.baselines.common import _check_threshold, _labelled, _need_clinical, _proba
+from lymph.baselines.common import _check_threshold, _need_clinical, _proba
 from lymph.errors import LymphError
 from lymph.head.bags import Scaler, check_bags, instances_of, make_buckets
-from lymph.head.estimator import _threads, _where, clinical_matrix
+from lymph.head.estimator import _threads, _where, clinical_matrix, labelled_rows
 from lymph.head.pooling import AttentionPool
 from lymph.head.train import choose_threshold, forward_groups, make_groups, weighted_bce
 from lymph.head.train import train as train_head
@@ -126,7 +126,7 @@ class MixtureOfExperts(BaseEstimator, ClassifierMixin):
         from sklearn.model_selection import train_test_split
 
         _check_threshold(self.threshold)
-        rows, y = _labelled(store)
+        rows, y = labelled_rows(store)
         self.clinical_columns_ = _need_clinical(store, "MixtureOfExperts")
         check_bags(store, rows)
         self.dim_ = store.dim

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from lymph.errors import LymphError
+from lymph.store import bag_rows
 
 
 @dataclass
@@ -56,11 +57,9 @@ def pad(emb: np.ndarray, ptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray,
     n_max = int(sizes.max()) if sizes.size else 0
     x = np.zeros((rows.size, n_max, emb.shape[1]), dtype=np.float32)
     mask = np.zeros((rows.size, n_max), dtype=bool)
-    total = int(sizes.sum())
-    if total:
+    if sizes.sum():
         b = np.repeat(np.arange(rows.size), sizes)  # bag of each instance
-        pos = np.arange(total) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # index in bag
-        src = np.repeat(ptr[rows], sizes) + pos  # row in the store
+        src, pos = bag_rows(ptr, rows)  # row in the store, index in bag
         x[b, pos] = emb[src]
         mask[b, pos] = True
     return x, mask
@@ -111,11 +110,7 @@ def make_buckets(emb: np.ndarray, ptr: np.ndarray, rows: np.ndarray, scaler: Sca
 
 def instances_of(emb: np.ndarray, ptr: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """All instance rows of the given patients, concatenated (for fitting the scaler)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    sizes = ptr[rows + 1] - ptr[rows]
-    total = int(sizes.sum())
-    src = np.repeat(ptr[rows], sizes) + (np.arange(total) - np.repeat(np.cumsum(sizes) - sizes, sizes))
-    return emb[src]
+    return emb[bag_rows(ptr, rows)[0]]
 
 
 def check_bags(store: Any, rows: np.ndarray) -> None:

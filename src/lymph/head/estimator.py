@@ -41,8 +41,7 @@ from lymph.errors import LymphError
 from lymph.head.bags import Scaler, check_bags, instances_of, make_buckets
 from lymph.head.model import HeadConfig, MILHead
 from lymph.head.pooling import POOLINGS
-from lymph.head.train import (TrainResult, choose_threshold, forward_groups, make_groups,
-                              train)
+from lymph.head.train import TrainResult, choose_threshold, forward_groups, make_groups, train
 
 
 @contextlib.contextmanager
@@ -59,6 +58,19 @@ def _threads(n: int | None) -> Iterator[None]:
 
 def _where(store: Any) -> str:
     return str(store.path) if getattr(store, "path", None) is not None else "store"
+
+
+def labelled_rows(store: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The labelled rows of a store and their labels; both classes must be present."""
+    rows = store.labelled()
+    if rows.size == 0:
+        raise LymphError(f"{_where(store)}: /patients/label: no labelled patients to fit on "
+                         "(empty selection; expected labels 0 or 1)")
+    y = store.labels[rows].astype(np.int64)
+    if np.unique(y).size < 2:
+        raise LymphError(f"{_where(store)}: /patients/label: the fit patients are all of "
+                         f"class {int(y[0])}; expected both classes")
+    return rows, y
 
 
 def clinical_matrix(store: Any, columns: list[str]) -> np.ndarray:
@@ -129,14 +141,7 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
         from sklearn.model_selection import train_test_split
 
         self._check_params()
-        rows = store.labelled()
-        if rows.size == 0:
-            raise LymphError(f"{_where(store)}: /patients/label: no labelled patients to fit on "
-                             "(empty selection; expected labels 0 or 1)")
-        y = store.labels[rows].astype(np.int64)
-        if np.unique(y).size < 2:
-            raise LymphError(f"{_where(store)}: /patients/label: the fit patients are all of "
-                             f"class {int(y[0])}; expected both classes")
+        rows, y = labelled_rows(store)
         self.classes_ = np.array([0, 1])
         self.clinical_columns_ = list(store.clinical_columns) if self.clinical else []
         if not self.images and not self.clinical_columns_:

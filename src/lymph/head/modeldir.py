@@ -98,33 +98,30 @@ def _copy_encoder(store: Any, dest: Path) -> dict[str, Any]:
 
 def save_model(model: Any, path: str | os.PathLike[str], *, store: Any,
                extra: dict[str, str | os.PathLike[str]] | None = None) -> Path:
-    """Write a fitted :class:`~lymph.head.estimator.MILClassifier` to ``path`` atomically.
+    """Write a fitted estimator to ``path`` atomically: a :class:`MILClassifier` (weights in
+    ``head.pt``) or a late-fusion model (its whole state as JSON numbers in ``model.json``).
 
     ``store`` is the store it was fitted on (fingerprint, provenance, encoder). ``extra``
     maps names inside the directory (e.g. ``cv/oof.csv``) to files to copy in.
     """
-    import torch
-
-    import lymph
-
     if type(model).__name__ == "LateFusion":  # fit-head --fusion late: JSON state, no weights
-        from lymph.baselines import save_late_fusion
-
-        return save_late_fusion(model, path, store=store, extra=extra)
+        state = model.to_json()
+        return _write_model_dir(path, model, store, extra, lambda tmp: {
+            "fusion": "late", "params": state["params"],
+            "clinical_columns": state["clinical_columns"],
+            "feature_columns": state["feature_columns"], "dim": state["dim"],
+            "threshold": state["threshold"], "late_fusion": state})
     if not hasattr(model, "model_"):
         raise LymphError("save_model: the model is not fitted")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.mkdir(parents=True)
+
+    def mil_meta(tmp: Path) -> dict[str, Any]:
+        import torch
+
         with open(tmp / "head.pt", "wb") as f:
             torch.save(model.model_.state_dict(), f)
         params = model.get_params()
         params["mlp"] = list(params["mlp"])
-        meta = {
-            "encoding-type": ENCODING_TYPE,
-            "encoding-version": ENCODING_VERSION,
-            "lymph_version": lymph.__version__,
-            "estimator": type(model).__name__,
+        return {
             "params": params,
             "config": model.config_.to_json(),
             "clinical_columns": list(model.clinical_columns_),
@@ -134,14 +131,33 @@ def save_model(model: Any, path: str | os.PathLike[str], *, store: Any,
             "clinical_scaler": model.clinical_scaler_.to_json(),
             "instance_scaler": None if model.instance_scaler_ is None else model.instance_scaler_.to_json(),
             "training": {"best_epoch": int(model.best_epoch_), "epochs_run": int(model.epochs_run_),
-                         "n_patients": int(store.labelled().size),
-                         "n_malignant": int((store.labels == 1).sum()),
                          "inner_val_ids": list(model.inner_val_ids_)},
-            "store": {"path": None if store.path is None else str(Path(store.path).resolve()),
-                      "fingerprint": store.fingerprint, "provenance": store.provenance},
-            "encoder": _copy_encoder(store, tmp),
             "weights": {"file": "head.pt", "sha256": sha256_file(tmp / "head.pt")},
         }
+
+    return _write_model_dir(path, model, store, extra, mil_meta)
+
+
+def _write_model_dir(path: str | os.PathLike[str], model: Any, store: Any,
+                     extra: dict[str, str | os.PathLike[str]] | None,
+                     estimator_meta: Any) -> Path:
+    """The directory every estimator shares: ``model.json`` (format stamp, what the
+    estimator writes via ``estimator_meta(tmp)``, training counts, the store's fingerprint
+    and provenance), the encoder copy and the ``extra`` files; atomic."""
+    import lymph
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        meta = {"encoding-type": ENCODING_TYPE, "encoding-version": ENCODING_VERSION,
+                "lymph_version": lymph.__version__, "estimator": type(model).__name__,
+                **estimator_meta(tmp)}
+        meta["training"] = {**meta.get("training", {}),
+                            "n_patients": int(store.labelled().size),
+                            "n_malignant": int((store.labels == 1).sum())}
+        meta["store"] = {"path": None if store.path is None else str(Path(store.path).resolve()),
+                         "fingerprint": store.fingerprint, "provenance": store.provenance}
+        meta["encoder"] = _copy_encoder(store, tmp)
         for name, src in (extra or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, tmp / name)
