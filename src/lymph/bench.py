@@ -37,7 +37,7 @@ def run_bench(data: str | Path | None = None, *, device: str = "auto", quick: bo
             data = make_synthetic(tmp / "synth", SynthConfig(
                 patients=40, test_patients=0, images_min=30 if quick else 40,
                 images_max=60 if quick else 90, size=224, seed=0))
-        ing = bench_ingest(data, size=112, repeats=1 if quick else 3)
+        ing = bench_ingest(data, size=112, repeats=1 if quick else 5)
         cache = open_cache(ingest(data, tmp / "bench.zarr", size=112).path)
 
         from lymph.encoder.bench import bench_stage_one

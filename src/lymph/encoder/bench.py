@@ -25,8 +25,16 @@ from lymph.data.cache import ImageCache
 from lymph.encoder import distributed as D
 from lymph.encoder.methods import Preprocess, get_method
 from lymph.encoder.model import train_flops_per_image
-from lymph.encoder.train import (ChunkFeeder, TrainConfig, autocast, build_model, cache_reader,
-                                 feeder_threaded, resolve_precision)
+from lymph.encoder.train import (
+    ChunkFeeder,
+    TrainConfig,
+    autocast,
+    build_model,
+    cache_reader,
+    feeder_threaded,
+    make_optimizer,
+    resolve_precision,
+)
 
 
 def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5,
@@ -65,7 +73,9 @@ def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
     mcfg = m.config_cls(dim=dim, size=cache.size)
     torch.manual_seed(seed)
     model = build_model(method, mcfg, dev)
-    opt = torch.optim.Adam(model.parameters(), lr=lr or tc.lr)
+    if lr is not None:
+        tc.lr = lr
+    opt = make_optimizer(model, tc)
     amp = resolve_precision(precision, dev)
     prep = Preprocess(cache.channel_mean, cache.channel_std, dev, channels_last=True,
                       generator=torch.Generator().manual_seed(seed))
