@@ -101,3 +101,19 @@ def test_ingest_pixels_and_chunk_files_same_with_or_without_direct_writes(
     assert len(files) == -(-direct.n_images // 16)
     for f in files:
         assert (tmp_path / "d.zarr" / f).read_bytes() == (tmp_path / "z.zarr" / f).read_bytes()
+
+
+def test_a_write_the_device_refuses_falls_back_and_leaves_no_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not _direct_io_supported(tmp_path):
+        pytest.skip("this file system has no O_DIRECT")
+    raw = _array(tmp_path / "r.zarr", compressors=None)
+    folder = raw_chunk_path(raw)
+
+    def refuse(fd: int, data: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "write", refuse)
+    assert not write_chunk(raw, folder, 0, aligned_empty((256, 3, 8, 8)))
+    monkeypatch.undo()
+    assert not (folder / "c/0/0/0/0").exists()

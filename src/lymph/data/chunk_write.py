@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 ALIGN = 4096  # O_DIRECT: buffer address, file offset and length in multiples of this
+_UNSUPPORTED = {errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: Any = np.uint8) -> np.ndarray:
@@ -69,7 +70,7 @@ def write_chunk(arr: Any, folder: Path | None, index: int, data: np.ndarray) -> 
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
     except OSError as e:
-        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # e.g. tmpfs: no direct I/O
+        if e.errno in _UNSUPPORTED:  # e.g. an older tmpfs or overlayfs: no direct I/O
             return False
         raise
     view = memoryview(data.reshape(-1))
@@ -80,7 +81,7 @@ def write_chunk(arr: Any, folder: Path | None, index: int, data: np.ndarray) -> 
     except OSError as e:
         os.close(fd)
         os.unlink(path)
-        if e.errno == errno.EINVAL:  # alignment the device does not accept
+        if e.errno in _UNSUPPORTED:  # e.g. an alignment the device does not accept
             return False
         raise
     os.close(fd)
