@@ -6,7 +6,8 @@
   back-to-back pairs; 1.0 means the input pipeline costs nothing, the target is >= 0.9);
 - the machine's compute ceiling: dense matmul GFLOP/s through torch (fp32, and bf16 when
   training in bf16), and the training throughput as a fraction of it (achieved GFLOP/s =
-  images/s x training FLOPs per image, counted as 3 x the forward conv/linear FLOPs);
+  images/s x training FLOPs per image, counted as 3 x the forward conv/linear FLOPs); the
+  fp32 fraction is taken per round against the ceiling measured just before and after it;
 - embedding throughput (images/s, eval mode, reading the cache included).
 
 Memory and cache rounds alternate and the medians are kept: the machine may be shared.
@@ -127,16 +128,22 @@ def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
 
     for b in mem_batches[:warmup]:
         step(b)
-    t_mem, t_cache = [], []
+    flops = train_flops_per_image(model, cache.size)
+    t_mem, t_cache, c32, camp, fractions = [], [], [], [], []
     for r in range(repeats):
+        # the ceilings right before and right after each cache-fed round: the machine's
+        # speed drifts, so the fraction is taken round by round (median reported)
+        before = matmul_gflops(torch.float32, device=dev)
         t_mem.append(run_memory())
         t_cache.append(run_cache(r))
+        after = matmul_gflops(torch.float32, device=dev)
+        c32.append((before + after) / 2)
+        camp.append(matmul_gflops(amp, device=dev) if amp is not None else c32[-1])
+        fractions.append(steps * bs / t_cache[-1] * flops / 1e9 / c32[-1])
     tm, tcache = statistics.median(t_mem), statistics.median(t_cache)
     ips_cache = steps * bs / tcache
     ips_mem = steps * bs / tm
-    flops = train_flops_per_image(model, cache.size)
-    ceil32 = matmul_gflops(torch.float32, device=dev)
-    ceil_amp = matmul_gflops(amp, device=dev) if amp is not None else ceil32
+    ceil32, ceil_amp = statistics.median(c32), statistics.median(camp)
     achieved = ips_cache * flops / 1e9
 
     # embedding: eval mode, fp32, reading the cache included
@@ -176,7 +183,8 @@ def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
         "train_gflops_achieved": achieved,
         "matmul_gflops_fp32": ceil32,
         "matmul_gflops_train_dtype": ceil_amp,
-        "fraction_of_fp32_ceiling": achieved / ceil32,
+        "fraction_of_fp32_ceiling": statistics.median(fractions),
+        "fraction_of_fp32_ceiling_rounds": fractions,
         "fraction_of_train_dtype_ceiling": achieved / ceil_amp,
         "embed_images_per_s": k / t_embed,
     }
