@@ -18,7 +18,6 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from lymph.atomic import atomic_path, sha256_text
 from lymph.data.challenge import ChallengeData, clinical_features, read_challenge
 from lymph.data.chunk_write import aligned_empty, raw_chunk_path, write_chunk
 from lymph.data.images import UnreadableImage, decode_image
+from lymph.data.workers import chunk_results
 from lymph.errors import LymphError
 
 log = logging.getLogger("lymph")
@@ -243,25 +243,17 @@ def ingest(
         bad: list[str] = []
         entries: list[list[str]] = [[] for _ in jobs]  # fingerprint entries, job by job
         done = 0
-        results: Any
-        if workers > 1 and len(jobs) > 1:
-            pool = get_context("fork").Pool(min(workers, len(jobs)))
-            results = pool.imap_unordered(_decode_chunk, jobs)
-        else:
-            pool = None
-            results = map(_decode_chunk, jobs)
         try:
-            for start, ok_k, s_k, bad_k, entries_k in results:
-                entries[start // CHUNK] = entries_k
-                ok[start : start + len(ok_k)] = ok_k
-                sums += s_k
-                bad += bad_k
-                done += len(ok_k)
-                if progress:
-                    progress(done, n)
+            with chunk_results(_decode_chunk, jobs, workers) as results:
+                for start, ok_k, s_k, bad_k, entries_k in results:
+                    entries[start // CHUNK] = entries_k
+                    ok[start : start + len(ok_k)] = ok_k
+                    sums += s_k
+                    bad += bad_k
+                    done += len(ok_k)
+                    if progress:
+                        progress(done, n)
         finally:
-            if pool is not None:
-                pool.terminate()
             _release_worker_state()
         bad.sort()
         if bad and strict:

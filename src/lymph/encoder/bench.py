@@ -29,12 +29,12 @@ from lymph.encoder.model import train_flops_per_image
 from lymph.encoder.train import (
     ChunkFeeder,
     TrainConfig,
-    autocast,
     build_model,
     cache_reader,
     feeder_threaded,
     make_optimizer,
     resolve_precision,
+    train_step,
 )
 
 
@@ -83,12 +83,7 @@ def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def step(batch: torch.Tensor) -> None:
-        batch = batch.to(dev, non_blocking=True)
-        with autocast(dev, amp):
-            loss = m.loss(model, batch, prep)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(m, model, opt, batch.to(dev, non_blocking=True), prep, amp)
 
     chunk = int(cache.pixels.chunks[0])
     n = cache.n_images

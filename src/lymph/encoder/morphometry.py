@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from multiprocessing import get_context
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -259,29 +258,20 @@ def compute_morphometry(
 ) -> np.ndarray:
     """Features of every image of ``cache``: float32 ``(n_images, F)``, on all cores."""
     from lymph.data.cache import CHUNK
+    from lymph.data.workers import chunk_results
 
     n = cache.n_images
     arr_path = str(Path(cache.path) / "pixels")
     jobs = [(arr_path, s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
     feats = np.zeros((n, len(MORPHOMETRY_COLUMNS)), dtype=np.float32)
     workers = workers or os.cpu_count() or 1
-    results: Any
-    if workers > 1 and len(jobs) > 1:
-        pool = get_context("fork").Pool(min(workers, len(jobs)))
-        results = pool.imap_unordered(_chunk, jobs)
-    else:
-        pool = None
-        results = map(_chunk, jobs)
     done = 0
-    try:
+    with chunk_results(_chunk, jobs, workers) as results:
         for start, f in results:
             feats[start : start + f.shape[0]] = f
             done += f.shape[0]
             if progress:
                 progress(done, n)
-    finally:
-        if pool is not None:
-            pool.terminate()
     return feats
 
 

@@ -120,6 +120,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device.type, dtype=dtype)
 
 
+def train_step(method: Any, net: torch.nn.Module, opt: torch.optim.Optimizer,
+               batch: torch.Tensor, prep: Preprocess, amp: torch.dtype | None,
+               targets: torch.Tensor | None = None) -> torch.Tensor:
+    """One optimisation step on a batch already on the device (the training loop's and the
+    benchmark's); returns the loss. ``targets``: per-image labels, for methods that need them."""
+    with autocast(batch.device, amp):
+        if targets is None:
+            loss = method.loss(net, batch, prep)
+        else:
+            loss = method.loss(net, batch, prep, targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 # ---- input pipeline ----------------------------------------------------------------------
 def epoch_plan(n: int, chunk: int, env: D.DistEnv, batch_size: int, seed: int,
                epoch: int, keep: np.ndarray | None = None) -> tuple[list[tuple[int, int]], int]:
@@ -392,15 +408,9 @@ def train(
                 for step, item in enumerate(feeder):
                     if needs_labels:
                         batch, tg = (t.to(dev, non_blocking=True) for t in item)
-                        with autocast(dev, amp):
-                            loss = m.loss(net, batch, prep, tg)  # type: ignore[call-arg]
                     else:
-                        batch = item.to(dev, non_blocking=True)
-                        with autocast(dev, amp):
-                            loss = m.loss(net, batch, prep)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                        batch, tg = item.to(dev, non_blocking=True), None
+                    loss = train_step(m, net, opt, batch, prep, amp, tg)
                     loss_sum += loss.detach() * batch.shape[0]
                     seen += batch.shape[0]
                     if dev.type == "cpu" or step % 25 == 0:  # .item() is a GPU sync point
