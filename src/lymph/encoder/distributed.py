@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lymph.encoder.allocator import keep_freed_memory
 from lymph.errors import LymphError
 
 
@@ -60,8 +61,10 @@ def setup(device: str = "auto") -> DistEnv:
 
     CPU threads: the cores divided among the processes of this node (two processes on two
     cores get one thread each; oversubscription costs more than it gains). An explicit
-    ``OMP_NUM_THREADS`` wins (e.g. 1 on a CPU shared with other jobs).
+    ``OMP_NUM_THREADS`` wins (e.g. 1 on a CPU shared with other jobs). Also keeps freed
+    memory in the process (:mod:`lymph.encoder.allocator`).
     """
+    keep_freed_memory()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

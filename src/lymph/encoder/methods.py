@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lymph.encoder.augment import random_dihedral
+from lymph.encoder.layers import mse_loss, normalise_channels
 from lymph.encoder.model import AEConfig, ConvAutoencoder
 from lymph.errors import LymphError
 
@@ -42,8 +43,8 @@ class Preprocess:
 
     def __init__(self, mean: Any, std: Any, device: torch.device, *, channels_last: bool = False,
                  generator: torch.Generator | None = None) -> None:
-        m = torch.as_tensor(np.asarray(mean, dtype=np.float32)).view(1, 3, 1, 1)
-        s = torch.as_tensor(np.asarray(std, dtype=np.float32)).view(1, 3, 1, 1)
+        m = torch.as_tensor(np.asarray(mean, dtype=np.float32)).view(3)
+        s = torch.as_tensor(np.asarray(std, dtype=np.float32)).view(3)
         self.mean = [float(v) for v in np.ravel(mean)]
         self.std = [float(v) for v in np.ravel(std)]
         self.scale = (1.0 / (255.0 * s)).to(device)
@@ -54,8 +55,7 @@ class Preprocess:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         if self.channels_last:  # change the layout while the pixels are still 1 byte each
             batch = batch.contiguous(memory_format=torch.channels_last)
-        # in place, one dtype per pass: 3x faster than the broadcast mixed-dtype expression
-        return batch.to(torch.float32).mul_(self.scale).sub_(self.shift)  # (B, 3, S, S)
+        return normalise_channels(batch, self.scale, self.shift)  # (B, 3, S, S) float32
 
     def augment(self, batch: torch.Tensor) -> torch.Tensor:
         """A random rot90/flip of every image (uint8 or float, on the batch's device)."""
@@ -87,8 +87,7 @@ class AutoencoderMethod:
 
     def loss(self, model: nn.Module, batch: torch.Tensor, normalise: Preprocess) -> torch.Tensor:
         x = normalise(normalise.augment(batch))
-        recon = model(x)
-        return torch.nn.functional.mse_loss(recon.float(), x)
+        return mse_loss(model(x), x)  # fp32 MSE, whatever the decoder's dtype
 
     def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.encode(x)  # type: ignore[operator]

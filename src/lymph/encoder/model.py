@@ -13,12 +13,15 @@ step (forward + backward) is about 3x the forward: 112 MFLOP per image. See
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from lymph.encoder.layers import ConvTranspose2d, run_sequential
 from lymph.errors import LymphError
 
 
@@ -73,22 +76,43 @@ class ConvAutoencoder(nn.Module):
         dec: list[nn.Module] = []
         rev = chans[::-1]
         for i, (cin, cout) in enumerate(zip(rev[:-1], rev[1:])):
-            dec.append(nn.ConvTranspose2d(cin, cout, k, stride=2, padding=pad, output_padding=1))
+            dec.append(ConvTranspose2d(cin, cout, k, stride=2, padding=pad, output_padding=1))
             if i < len(rev) - 2:
                 dec.append(nn.ReLU(inplace=True))
         self.decoder = nn.Sequential(*dec)  # (B, C, S/8, S/8) -> (B, 3, S, S)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` normalised -> ``(B, dim)``."""
-        return self.to_code(self.features(x).flatten(1))
+        f = run_sequential(self.features, x)
+        if not _channels_last(f):
+            return self.to_code(f.flatten(1))
+        # the same linear map on the channels-last activations as they lie in memory: the
+        # weight's columns are reordered (C, H, W) -> (H, W, C) instead of the activations
+        c = f.shape[1]
+        w = self.to_code.weight.unflatten(1, (c, self.side, self.side))
+        w = w.permute(0, 2, 3, 1).flatten(1)
+        return F.linear(f.permute(0, 2, 3, 1).flatten(1), w, self.to_code.bias)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """``(B, dim)`` -> ``(B, 3, S, S)`` reconstruction (normalised space)."""
-        h = torch.relu(self.from_code(z)).unflatten(1, (-1, self.side, self.side))
-        return self.decoder(h)
+        s = self.side
+        if not _channels_last(self.decoder[0].weight):
+            return run_sequential(self.decoder,
+                                  torch.relu(self.from_code(z)).unflatten(1, (-1, s, s)))
+        # channels-last decoder: the linear layer writes (H, W, C) order directly (its rows
+        # reordered), so the first transposed convolution gets channels-last input
+        c = self.from_code.out_features // (s * s)
+        w = self.from_code.weight.unflatten(0, (c, s, s)).permute(1, 2, 0, 3).flatten(0, 2)
+        b = self.from_code.bias.view(c, s, s).permute(1, 2, 0).flatten()
+        h = torch.relu(F.linear(z, w, b)).view(-1, s, s, c).permute(0, 3, 1, 2)
+        return run_sequential(self.decoder, h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def forward_flops_per_image(model: nn.Module, size: int) -> float:
@@ -107,17 +131,14 @@ def forward_flops_per_image(model: nn.Module, size: int) -> float:
             k = mod.kernel_size[0] * mod.kernel_size[1]
             total[0] += 2.0 * inp[0][0].numel() * mod.out_channels // mod.groups * k
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
-    try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
-            model(torch.zeros(1, 3, size, size))
-            model.train(was)
-    finally:
-        for h in handles:
-            h.remove()
+    # a contiguous-layout copy: a channels-last model applies its linear layers' weights
+    # directly (reordered), so their modules would not be called
+    model = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            m.register_forward_hook(hook)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
     return total[0]
 
 
