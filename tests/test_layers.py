@@ -212,3 +212,15 @@ def test_run_sequential_fuses_conv_relu_and_computes_the_same(amp: torch.dtype |
     tol = {"rtol": 1e-5, "atol": 1e-5} if amp is None else {"rtol": 1e-2, "atol": 1e-2}
     for a, b in zip(*outs):
         torch.testing.assert_close(b.float(), a.float(), **tol)
+
+
+def test_step_ablation_switches_each_fast_path_and_restores_them() -> None:
+    from lymph.encoder import layers
+    from lymph.encoder.bench import bench_step_ablation
+
+    before = dict(layers.FAST)
+    r = bench_step_ablation(batch_size=4, size=16, steps=1, rounds=1, malloc=True)
+    assert layers.FAST == before
+    assert set(r["step_s"]) == {"all", "none", "no_malloc_tuning",
+                                *(f"no_{k}" for k in layers.FAST)}
+    assert all(t > 0 for t in r["step_s"].values()) and r["slowdown"]["all"] == 1.0

@@ -183,3 +183,89 @@ def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
         "fraction_of_train_dtype_ceiling": achieved / ceil_amp,
         "embed_images_per_s": k / t_embed,
     }
+
+
+def bench_step_ablation(*, batch_size: int = 128, size: int = 112, steps: int = 8,
+                        rounds: int = 5, precision: str = "auto", seed: int = 0,
+                        malloc: bool = True,
+                        only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The autoencoder's CPU training step with each fast path switched off in turn.
+
+    Variants: ``all`` (the default), ``no_<name>`` for each entry of
+    :data:`lymph.encoder.layers.FAST`, ``none`` (every one off) and, with ``malloc``,
+    ``no_malloc_tuning`` (the default in a child process with ``LYMPH_MALLOC_TUNING=0``:
+    the tuning is per process). ``only``: measure just these variants. Random uint8
+    batches: the work does not depend on the pixels. Rounds interleave the variants;
+    returns the median step time of each (``step_s``), its ratio to ``all``
+    (``slowdown``) and the page faults per step.
+    """
+    import json
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from lymph.encoder import layers
+    from lymph.encoder.model import AEConfig
+
+    env = D.setup("cpu")
+    dev = env.device
+    amp = resolve_precision(precision, dev)
+    m = get_method("ae")
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8,
+                             generator=gen) for _ in range(steps)]
+    saved = dict(layers.FAST)
+    variants = {"all": {}, **{f"no_{k}": {k: False} for k in saved},
+                "none": dict.fromkeys(saved, False)}
+    variants = {v: off for v, off in variants.items() if only is None or v in only}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    faults: dict[str, list[float]] = {v: [] for v in variants}
+
+    def run(v: str) -> None:
+        layers.FAST.update(saved)
+        layers.FAST.update(variants[v])
+        torch.manual_seed(seed)
+        model = build_model("ae", AEConfig(size=size), dev)
+        opt = make_optimizer(model, TrainConfig())
+        prep = Preprocess([0.5] * 3, [0.25] * 3, dev, channels_last=True,
+                          generator=torch.Generator().manual_seed(seed))
+        for b in batches[:2]:  # warm-up
+            train_step(m, model, opt, b, prep, amp)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t = time.perf_counter()
+        for b in batches:
+            train_step(m, model, opt, b, prep, amp)
+        times[v].append((time.perf_counter() - t) / steps)
+        faults[v].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / steps)
+
+    child = ("import json; from lymph.encoder.bench import bench_step_ablation as b; "
+             f"r = b(batch_size={batch_size}, size={size}, steps={steps}, rounds=1, "
+             f"precision={precision!r}, seed={seed}, malloc=False, only=('all',)); "
+             "print(json.dumps([r['step_s']['all'], r['faults_per_step']['all']]))")
+    if malloc:
+        times["no_malloc_tuning"], faults["no_malloc_tuning"] = [], []
+    try:
+        for _ in range(rounds):
+            for v in variants:
+                run(v)
+            if malloc:
+                out = subprocess.run([sys.executable, "-c", child], capture_output=True,
+                                     text=True, check=True,
+                                     env={**os.environ, "LYMPH_MALLOC_TUNING": "0"})
+                t, f = json.loads(out.stdout.strip().splitlines()[-1])
+                times["no_malloc_tuning"].append(t)
+                faults["no_malloc_tuning"].append(f)
+    finally:
+        layers.FAST.update(saved)
+    step = {v: statistics.median(t) for v, t in times.items()}
+    return {
+        "precision": "bf16" if amp is not None else "fp32",
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "step_s": step,
+        "slowdown": {v: s / step["all"] for v, s in step.items()} if "all" in step else {},
+        "faults_per_step": {v: statistics.median(f) for v, f in faults.items()},
+        "train_images_per_s": batch_size / step["all"] if "all" in step else None,
+    }

@@ -23,15 +23,24 @@ the arithmetic:
   the input normalisation, in fewer and vectorised passes (their docs).
 
 Outside these conditions (another device, layout or geometry) PyTorch's own path runs.
+Each fast path can be switched off in :data:`FAST` (``LYMPH_FAST_LAYERS=0`` switches
+them all off, e.g. to rule them out when something looks wrong); the stage-one ablation
+benchmark (:func:`lymph.encoder.bench.bench_step_ablation`) switches them one at a time.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_ON = os.environ.get("LYMPH_FAST_LAYERS", "1") != "0"
+# which fast paths are used (the channels-last linear layers are in lymph.encoder.model)
+FAST: dict[str, bool] = {"transposed_conv_grad": _ON, "conv_relu": _ON, "mse": _ON,
+                         "normalise": _ON, "channels_last_linear": _ON}
 
 _MKLDNN = torch.ops.mkldnn
 
@@ -108,9 +117,9 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         # The strided convolution of the output always lands on the input's shape: the
         # output side is (n - 1) s - 2p + k + op, and the convolution of it gives
         # n + floor(op / s) = n, as PyTorch requires output_padding < stride.
-        if x.device.type != "cpu" or x.ndim != 4 or self.groups != 1:
+        if not FAST["transposed_conv_grad"] or x.device.type != "cpu" or x.ndim != 4:
             return False
-        if self.dilation != (1, 1):
+        if self.groups != 1 or self.dilation != (1, 1):
             return False
         return torch.is_grad_enabled()  # inference: nothing to gain
 
@@ -150,7 +159,8 @@ class _ConvReLU(torch.autograd.Function):
 
 
 def _fuses_relu(conv: nn.Module, x: torch.Tensor) -> bool:
-    if type(conv) not in (nn.Conv2d, ConvTranspose2d, nn.ConvTranspose2d):
+    if not FAST["conv_relu"] or type(conv) not in (nn.Conv2d, ConvTranspose2d,
+                                                    nn.ConvTranspose2d):
         return False
     if x.device.type != "cpu" or x.ndim != 4 or conv.groups != 1:
         return False
@@ -224,6 +234,8 @@ def mse_loss(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ValueError("mse_loss: the target must not require a gradient")
     if recon.shape != target.shape:
         raise ValueError(f"mse_loss: shapes differ, {tuple(recon.shape)} vs {tuple(target.shape)}")
+    if not FAST["mse"]:
+        return F.mse_loss(recon.float(), target)
     return _MSELoss.apply(recon, target)
 
 
@@ -240,7 +252,7 @@ def normalise_channels(pixels: torch.Tensor, scale: torch.Tensor,
     """
     x = pixels.to(torch.float32, copy=True)
     c = x.shape[1]
-    flat = _flat(x) if x.ndim == 4 and not x.is_contiguous() else None
+    flat = _flat(x) if FAST["normalise"] and x.ndim == 4 and not x.is_contiguous() else None
     if flat is None:  # NCHW (or other) layout: the plain broadcast vectorises along W
         return x.mul_(scale.view(1, c, 1, 1)).sub_(shift.view(1, c, 1, 1))
     pixels_per_row = next(k for k in (32, 16, 8, 4, 2, 1) if (flat.numel() // c) % k == 0)

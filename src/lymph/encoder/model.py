@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lymph.encoder.layers import ConvTranspose2d, run_sequential
+from lymph.encoder.layers import FAST, ConvTranspose2d, run_sequential
 from lymph.errors import LymphError
 
 
@@ -112,7 +112,9 @@ class ConvAutoencoder(nn.Module):
 
 
 def _channels_last(t: torch.Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    """Whether to run the linear layers on channels-last activations as they lie."""
+    return (FAST["channels_last_linear"] and not t.is_contiguous()
+            and t.is_contiguous(memory_format=torch.channels_last))
 
 
 def forward_flops_per_image(model: nn.Module, size: int) -> float:
@@ -131,9 +133,9 @@ def forward_flops_per_image(model: nn.Module, size: int) -> float:
             k = mod.kernel_size[0] * mod.kernel_size[1]
             total[0] += 2.0 * inp[0][0].numel() * mod.out_channels // mod.groups * k
 
-    # a contiguous-layout copy: a channels-last model applies its linear layers' weights
-    # directly (reordered), so their modules would not be called
-    model = copy.deepcopy(model).to(memory_format=torch.contiguous_format).eval()
+    # a contiguous-layout CPU copy: a channels-last model applies its linear layers'
+    # weights directly (reordered), so their modules would not be called
+    model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             m.register_forward_hook(hook)

@@ -46,17 +46,18 @@ class TrainConfig:
     15 minutes in total:
 
     - ``batch_size`` 128: the report used 5 for GPU memory reasons; on a CPU small batches
-      waste most of the time in per-layer overheads (measured in bf16, channels-last: batch
-      32 ~1,000 images/s, batch 128 ~1,250 images/s on this machine when idle), and 128
-      still gives 85 updates per epoch.
+      waste most of the time in per-layer overheads (measured in bf16, channels-last, before
+      the fast layers of ``lymph.encoder.layers``: batch 32 ~1,000 images/s, batch 128
+      ~1,250 images/s on this machine when idle; 1,600 to 1,700 since), and 128 still
+      gives 85 updates per epoch.
     - ``lr`` 1e-3: Adam's usual rate. The report's 1e-4 was tuned for batch 5; with 25x
       larger batches (less gradient noise, 25x fewer steps) a higher rate is needed to
       converge within the same epochs (square-root scaling of 1e-4 gives 5e-4, linear
       2.5e-3; 1e-3 sits between). On the real data it takes the reconstruction MSE from
       0.75 to 0.28 in 4 epochs (``docs/benchmarks.md``).
-    - ``epochs`` 20: 217,000 image presentations. An epoch is ~10 s on the idle 2-core
+    - ``epochs`` 20: 217,000 image presentations. An epoch is ~7 s on the idle 2-core
       machine, but the cores are shared and we measured 150 to 400 images/s under load:
-      20 epochs is 4 min idle and about 10 min at 400 images/s, inside the 15-minute
+      20 epochs is 2.2 min idle and about 10 min at 400 images/s, inside the 15-minute
       budget, with the loss curve flattening by then.
     - ``precision`` auto: bf16 autocast on CUDA and on CPUs with native bf16 (AMX /
       AVX512-BF16; 1.8x faster than fp32 here), fp32 elsewhere. Weights, Adam state and
