@@ -224,3 +224,14 @@ def test_step_ablation_switches_each_fast_path_and_restores_them() -> None:
     assert set(r["step_s"]) == {"all", "none", "no_malloc_tuning",
                                 *(f"no_{k}" for k in layers.FAST)}
     assert all(t > 0 for t in r["step_s"].values()) and r["slowdown"]["all"] == 1.0
+
+
+def test_lymph_fast_layers_0_switches_every_fast_path_off() -> None:
+    import os
+
+    code = "from lymph.encoder.layers import FAST; print(sorted(FAST.items()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "LYMPH_FAST_LAYERS": "0"}).stdout
+    from lymph.encoder.layers import FAST
+
+    assert out.strip() == str(sorted(dict.fromkeys(FAST, False).items()))
