@@ -9,6 +9,11 @@ the normalised pixels, so the decoder ends without an activation.
 Cost per 112 px image (multiply-adds, forward): encoder 9.3 M, decoder 9.3 M; a training
 step (forward + backward) is about 3x the forward: 112 MFLOP per image. See
 :func:`train_flops_per_image`.
+
+On the CPU, channels-last, the same function runs through the faster paths of
+:mod:`lymph.encoder.layers` (conv+ReLU fused, the transposed convolutions' weight
+gradients as convolutions) and the linear layers read and write channels-last activations
+as they lie; the parameters and state-dict keys are those of the plain PyTorch modules.
 """
 
 from __future__ import annotations
