@@ -235,3 +235,21 @@ def test_lymph_fast_layers_0_switches_every_fast_path_off() -> None:
     from lymph.encoder.layers import FAST
 
     assert out.strip() == str(sorted(dict.fromkeys(FAST, False).items()))
+
+
+def test_run_sequential_leaves_dilated_layers_to_pytorch() -> None:
+    from lymph.encoder.layers import _fuses_relu, run_sequential
+
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, dilation=2),
+                        nn.ReLU()).to(memory_format=CL)
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=CL)
+    assert not _fuses_relu(seq[0], x)
+    outs = []
+    for run in (lambda t: seq(t), lambda t: run_sequential(seq, t)):
+        seq.zero_grad()
+        xi = x.clone().requires_grad_()
+        run(xi).square().sum().backward()
+        outs.append([xi.grad, seq[0].weight.grad.clone()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a)

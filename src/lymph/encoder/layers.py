@@ -18,7 +18,8 @@ the arithmetic:
   by a ReLU computed as one oneDNN primitive with the ReLU fused (bit-identical output;
   1.4x faster forward for these layers, as the activation is written once instead of
   written, read and written again). The backward is PyTorch's ReLU and convolution
-  gradients. Used for channels-last fp32 or bf16 inputs on the CPU.
+  gradients. Used for channels-last fp32 or bf16 inputs on the CPU, ungrouped and undilated
+  layers.
 - :func:`mse_loss` and :func:`normalise_channels`: the whole-image passes of the loss and
   the input normalisation, in fewer and vectorised passes (their docs).
 
@@ -162,8 +163,8 @@ def _fuses_relu(conv: nn.Module, x: torch.Tensor) -> bool:
     if not FAST["conv_relu"] or type(conv) not in (nn.Conv2d, ConvTranspose2d,
                                                     nn.ConvTranspose2d):
         return False
-    if x.device.type != "cpu" or x.ndim != 4 or conv.groups != 1:
-        return False
+    if x.device.type != "cpu" or x.ndim != 4 or conv.groups != 1 or conv.dilation != (1, 1):
+        return False  # (the transposed backward assumes no dilation, as ConvTranspose2d's)
     if getattr(conv, "padding_mode", "zeros") != "zeros" or isinstance(conv.padding, str):
         return False
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
