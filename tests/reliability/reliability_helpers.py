@@ -45,6 +45,19 @@ def make_tiny(out: Path, *, patients: int = 8, test_patients: int = 2, seed: int
                                            size=24, seed=seed))
 
 
+def train_tiny(d: Path, store_name: str = "store.h5") -> dict[str, Path]:
+    """A tiny dataset under ``d``, an encoder trained on it with its store, and a model
+    directory fitted on that store (what the reliability tests corrupt copies of)."""
+    data = make_tiny(d / "data")
+    store = d / store_name
+    r = cli("embed", "--data", data, "--out", store, "--size", SIZE, *TRAIN)
+    assert r.exit_code == 0, r.output
+    r = cli("fit-head", "--store", store, "--out", d / "model", *HEAD)
+    assert r.exit_code == 0, r.output
+    return {"data": data, "store": store, "encoder": store.with_suffix(".encoder.pt"),
+            "model": d / "model"}
+
+
 def copy_data(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

@@ -27,7 +27,7 @@ from lymph.data.cache import open_cache
 from lymph.data.challenge import read_challenge
 from lymph.errors import LymphError
 from lymph.store import open_store
-from reliability_helpers import HEAD, PIPELINE, SIZE, TRAIN, cli, copy_data, make_tiny
+from reliability_helpers import PIPELINE, SIZE, TRAIN, cli, copy_data, train_tiny
 
 PID = "P9"  # the first row of the tiny dataset's trainset CSV
 ROW = rf"trainset_true\.csv, line 2 \(patient {PID}\)"  # how errors name that row
@@ -177,15 +177,8 @@ COMMANDS = ("ingest", "embed", "predict", "run")
 def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The clean dataset, an encoder trained on it and a model directory (with the encoder)."""
     d = tmp_path_factory.mktemp("bad-input")
-    data = make_tiny(d / "data")
-    store = d / "store.h5"
-    r = cli("embed", "--data", data, "--out", store, "--size", SIZE, *TRAIN)
-    assert r.exit_code == 0, r.output
-    r = cli("fit-head", "--store", store, "--out", d / "model", *HEAD)
-    assert r.exit_code == 0, r.output
     (d / "p.toml").write_text(PIPELINE)
-    return {"data": data, "encoder": store.with_name("store.encoder.pt"), "model": d / "model",
-            "pipeline": d / "p.toml"}
+    return {**train_tiny(d), "pipeline": d / "p.toml"}
 
 
 def invoke(command: str, data: Path, work: Path, base: dict[str, Path], *, train: bool = False):

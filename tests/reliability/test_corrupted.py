@@ -23,7 +23,7 @@ from lymph.atomic import sha256_file
 from lymph.encoder.checkpoint import load_checkpoint
 from lymph.errors import LymphError
 from lymph.store import open_store, write_store
-from reliability_helpers import HEAD, SIZE, TRAIN, cli, make_tiny
+from reliability_helpers import HEAD, SIZE, TRAIN, cli, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -177,14 +177,7 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("ckpt")
-    data = make_tiny(d / "data")
-    s = d / "s.h5"
-    r = cli("embed", "--data", data, "--out", s, "--size", SIZE, *TRAIN)
-    assert r.exit_code == 0, r.output
-    r = cli("fit-head", "--store", s, "--out", d / "model", *HEAD)
-    assert r.exit_code == 0, r.output
-    return {"data": data, "store": s, "encoder": d / "s.encoder.pt", "model": d / "model"}
+    return train_tiny(tmp_path_factory.mktemp("ckpt"), "s.h5")
 
 
 def evil_checkpoint(src: Path, dst: Path, marker: Path) -> Path:
