@@ -37,7 +37,8 @@ def handles_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except LymphError as e:
-            typer.echo(f"error: {e}", err=True)
+            if not getattr(e, "quiet", False):  # quiet: another torchrun rank says why
+                typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -31,6 +31,7 @@ from lymph.encoder.train import (
     TrainConfig,
     build_model,
     cache_reader,
+    epoch_plan,
     feeder_threaded,
     make_optimizer,
     resolve_precision,
@@ -38,21 +39,34 @@ from lymph.encoder.train import (
 )
 
 
-def matmul_gflops(dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5,
+def matmul_gflops(dtype: torch.dtype = torch.float32, n: int | None = None, repeats: int = 5,
                   device: torch.device | str = "cpu") -> float:
-    """Median GFLOP/s of an ``n x n`` matmul (2 n^3 FLOPs) in ``dtype``."""
+    """Median GFLOP/s of an ``n x n`` matmul (2 n^3 FLOPs) in ``dtype``.
+
+    On CUDA: ``n`` 8192 (a 2048 matmul takes ~0.1 ms on a recent GPU, about a kernel
+    launch) and each timing covers 10 back-to-back products, synchronising the chosen
+    device (not the current one) before and after. On the CPU: ``n`` 2048, one product.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 2048)
+    inner = 10 if cuda else 1
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     a @ b
     times = []
     for _ in range(repeats):
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
-        a @ b
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        for _ in range(inner):
+            a @ b
+        sync()
+        times.append((time.perf_counter() - t) / inner)
     return 2.0 * n**3 / statistics.median(times) / 1e9
 
 
@@ -67,6 +81,19 @@ def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
     feeder's start-up (reading its first buffer) weighs as much as in a real epoch.
     """
     env = D.setup(device)
+    try:
+        return _bench_stage_one(env, cache, method=method, dim=dim, batch_size=batch_size,
+                                lr=lr, steps=steps, warmup=warmup, repeats=repeats,
+                                precision=precision, embed_images=embed_images, seed=seed,
+                                threaded=threaded)
+    finally:
+        D.teardown(env)  # a process group started here (under torchrun) ends here
+
+
+def _bench_stage_one(env: D.DistEnv, cache: ImageCache, *, method: str, dim: int,
+                     batch_size: int | None, lr: float | None, steps: int, warmup: int,
+                     repeats: int, precision: str, embed_images: int, seed: int,
+                     threaded: bool | None) -> dict[str, Any]:
     dev = env.device
     tc = TrainConfig(seed=seed, precision=precision)
     bs = batch_size or tc.batch_size
@@ -80,7 +107,9 @@ def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
     amp = resolve_precision(precision, dev)
     prep = Preprocess(cache.channel_mean, cache.channel_std, dev, channels_last=True,
                       generator=torch.Generator().manual_seed(seed))
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    def sync() -> None:  # the chosen device, not the current one
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     def step(batch: torch.Tensor) -> None:
         train_step(m, model, opt, batch.to(dev, non_blocking=True), prep, amp)
@@ -93,7 +122,6 @@ def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
     mem = cache.read(0, need)
     mem_batches = [torch.from_numpy(np.ascontiguousarray(mem[rng.permutation(need)[:bs]]))
                    for _ in range(steps)]
-    blocks = D.blocks(n, 1, chunk)
 
     def run_memory() -> float:
         sync()
@@ -106,14 +134,13 @@ def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
     read = cache_reader(cache)  # the training loop's reader (RAM when the cache fits)
 
     def run_cache(r: int) -> float:
-        order = np.random.default_rng([seed, r]).permutation(len(blocks))
-        feeder = ChunkFeeder(read, [blocks[i] for i in order], bs, steps,
-                             np.random.default_rng([seed, r, 1]), buffer=tc.buffer_chunks,
-                             pin=dev.type == "cuda", threaded=threaded_feed)
+        plan = epoch_plan(n, chunk, bs, seed, r, buffer=tc.buffer_chunks)
+        feeder = ChunkFeeder(read, plan, steps=steps, pin=dev.type == "cuda",
+                             threaded=threaded_feed)
         sync()
         t = time.perf_counter()
         k = 0
-        for b in feeder:
+        for b, _, _ in feeder:
             step(b)
             k += 1
         sync()
@@ -145,7 +172,9 @@ def bench_stage_one(cache: ImageCache, *, method: str = "ae", dim: int = 60,
     model.eval()
     k = min(n, embed_images)
     eprep = Preprocess(cache.channel_mean, cache.channel_std, dev, channels_last=True)
-    with torch.no_grad():
+    from lymph.encoder.embed import exact_fp32
+
+    with torch.no_grad(), exact_fp32(dev):  # as the embedding pass: fp32, no TF32
         x = torch.from_numpy(cache.read(0, min(k, 64))).to(dev)
         m.features(model, eprep(x))  # warm-up
         sync()
@@ -209,6 +238,7 @@ def bench_step_ablation(*, batch_size: int = 128, size: int = 112, steps: int = 
     from lymph.encoder.model import AEConfig
 
     env = D.setup("cpu")
+    D.teardown(env)  # one process: nothing distributed is measured here
     dev = env.device
     amp = resolve_precision(precision, dev)
     m = get_method("ae")

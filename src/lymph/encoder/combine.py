@@ -183,6 +183,11 @@ def run_combination(*, out: Path, data: str | Path | None, images: str | Path | 
         summary.notes.append(f"combined {method}: checkpoint {combined} (all parts, for "
                              "`lymph predict --data`)")
         return summary
+    except BaseException as e:  # tell the other ranks (or stop quietly if one failed first)
+        err = D.fail(env, e)
+        if err is e:
+            raise
+        raise err from None
     finally:
         D.teardown(env)
 

@@ -183,17 +183,20 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
     """NT-Xent over ``z = (2B, P)``: rows ``i`` and ``i + B`` are the two views of one image.
 
     Each of the 2B views must pick its partner among the other 2B - 1 (cosine similarity
-    / temperature, cross-entropy); ``log(2B - 1)`` at chance. Computed in fp32.
+    / temperature, cross-entropy); ``log(2B - 1)`` at chance. Computed in fp32, also
+    inside the training step's bf16 autocast (a bf16 similarity matrix keeps 8 bits of
+    mantissa: the logits at temperature 0.2 would be off by up to 0.02).
     """
     n = z.shape[0]
     if n % 2 or n < 4:
         raise ValueError(f"nt_xent: expected an even number (>= 4) of views, got {n}")
-    z = F.normalize(z.float(), dim=1)
-    sim = z @ z.T / temperature  # (2B, 2B)
-    sim = sim.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
-    b = n // 2
-    target = torch.cat([torch.arange(b, n), torch.arange(0, b)]).to(z.device)
-    return F.cross_entropy(sim, target)
+    with torch.autocast(z.device.type, enabled=False):
+        z = F.normalize(z.float(), dim=1)
+        sim = z @ z.T / temperature  # (2B, 2B), fp32
+        sim = sim.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
+        b = n // 2
+        target = torch.cat([torch.arange(b, n), torch.arange(0, b)]).to(z.device)
+        return F.cross_entropy(sim, target)
 
 
 # ---- the registry entry --------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The embedding pass: every cached image through a trained encoder, into the store.
 
-Eval mode, no augmentation, fp32, in cache order. Under torchrun each rank embeds its
+Eval mode, no augmentation, fp32 (TF32 off on CUDA: :func:`exact_fp32`), in cache order. Under torchrun each rank embeds its
 round-robin share of the cache's blocks, the blocks are gathered on rank 0 and put back
 in order, and rank 0 writes the store (so the store is the same as a single process's).
 
@@ -13,12 +13,13 @@ Public API (the stage-two ``predict --data`` uses :func:`embed_dataset`)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -58,6 +59,30 @@ def default_cache_path(out: str | Path, size: int, work_dir: str | Path | None =
 
 
 # ---- features ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """fp32 convolutions and matmuls in full precision on CUDA: Ampere and later GPUs run
+    them in TF32 (10-bit mantissa) by default for convolutions. Restored on exit."""
+    if device.type != "cuda":
+        yield
+        return
+    conv, mm = torch.backends.cudnn, torch.backends.cuda.matmul
+    if hasattr(getattr(conv, "conv", None), "fp32_precision"):  # torch >= 2.9
+        saved = (conv.conv.fp32_precision, mm.fp32_precision)
+        conv.conv.fp32_precision, mm.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            conv.conv.fp32_precision, mm.fp32_precision = saved
+        return
+    saved = (conv.allow_tf32, mm.allow_tf32)  # pragma: no cover (older torch)
+    conv.allow_tf32 = mm.allow_tf32 = False
+    try:
+        yield
+    finally:
+        conv.allow_tf32, mm.allow_tf32 = saved
+
+
 def compute_features(model: torch.nn.Module, method: Any, cache: ImageCache, prep: Preprocess,
                      env: D.DistEnv, *, batch_size: int = EMBED_BATCH,
                      progress: bool = True) -> np.ndarray | None:
@@ -70,7 +95,7 @@ def compute_features(model: torch.nn.Module, method: Any, cache: ImageCache, pre
     mine = D.shard(list(enumerate(bl)), env)
     local: list[tuple[int, np.ndarray]] = []
     model.eval()
-    with torch.no_grad(), progress_bar("embed", sum(b - a for _, (a, b) in mine),
+    with torch.no_grad(), exact_fp32(env.device), progress_bar("embed", sum(b - a for _, (a, b) in mine),
                                        enabled=progress and env.is_main) as update:
         for i, (a, b) in mine:
             px = cache.read(a, b)
@@ -133,6 +158,7 @@ def embed_cache(cache: ImageCache, encoder: str | Path, out: str | Path, device:
                 "dim": int(feats.shape[1]),
                 "epochs": int(ck.get("epoch", 0)),
                 "final_loss": float(ck["losses"][-1]) if ck.get("losses") else None,
+                **training_processes(ck),
             }, feature_columns=_columns(method),
                 # a label-trained scorer (weak): every patient scored by this one model
                 patient_scorer=(np.full(cache.n_patients, -1, dtype=np.int16)
@@ -142,6 +168,13 @@ def embed_cache(cache: ImageCache, encoder: str | Path, out: str | Path, device:
     finally:
         if own_env:
             D.teardown(env)
+
+
+def training_processes(ck: dict[str, Any]) -> dict[str, Any]:
+    """Provenance ``world_size`` (processes that trained the encoder) and
+    ``steps_per_epoch`` (its optimiser steps per epoch; the same for any number of
+    processes): ``None`` for checkpoints written before lymph recorded them."""
+    return {"world_size": ck.get("world_size"), "steps_per_epoch": ck.get("steps_per_epoch")}
 
 
 def _columns(method: Any) -> list[str] | None:
@@ -262,6 +295,8 @@ def run_embed(
     env = D.setup(device)
     try:
         summary = EmbedSummary(store=None, is_main=env.is_main, world=env.world)
+        # several machines: every rank must see rank 0's files (refused otherwise)
+        D.check_shared_folder(env, out.parent, "--out folder")
         ck_in = load_checkpoint(encoder) if encoder is not None else None
         if ck_in is not None:
             size, crop = int(ck_in["cache"]["size"]), ck_in["cache"].get("crop")
@@ -270,15 +305,16 @@ def run_embed(
             crop = crop if crop is not None else getattr(m_obj, "default_crop", None)
         if data is not None:
             cache_path = Path(cache) if cache else default_cache_path(out, size)
-            reused = False
-            if env.is_main:
-                reused = _ingest_with_progress(data, cache_path, size, crop, progress)
-            D.barrier(env)
+            D.check_shared_folder(env, cache_path.parent, "--cache folder")
+            # rank 0 ingests; the others wait without a collective timeout (D.main_does)
+            reused = D.main_does(env, f"ingest:{cache_path}", lambda: _ingest_with_progress(
+                data, cache_path, size, crop, progress))  # type: ignore[arg-type]
             summary.cache, summary.cache_reused = cache_path, reused
         else:
             cache_path = Path(images)  # type: ignore[arg-type]
             summary.cache, summary.cache_reused = cache_path, True
         c = open_cache(cache_path)
+        D.check_same_cache(env, cache_path, c.fingerprint)
         summary.n_images, summary.n_patients = c.n_images, c.n_patients
         if method == "morphometry":
             summary.dim = _morphometry(c, out, env)
@@ -317,6 +353,11 @@ def run_embed(
 
             summary.dim = open_store(out).dim
         return summary
+    except BaseException as e:  # tell the other ranks (or stop quietly if one failed first)
+        err = D.fail(env, e)
+        if err is e:
+            raise
+        raise err from None
     finally:
         D.teardown(env)
 
@@ -373,11 +414,11 @@ def _morphometry(cache: ImageCache, out: Path, env: D.DistEnv) -> int:
             "--method morphometry: not available in this installation "
             "(module lymph.encoder.morphometry is missing); use --method ae"
         ) from None
-    dim = 0
-    if env.is_main:
+    def work() -> int:
         from lymph.store import open_store
 
         write_morphometry_store(cache, out)
-        dim = open_store(out).dim
-    D.barrier(env)
-    return dim
+        return open_store(out).dim
+
+    # rank 0 alone (however long a large cohort takes); the others wait without a timeout
+    return int(D.main_does(env, f"morphometry:{out}", work))

@@ -7,11 +7,17 @@ the input pipeline costs a few percent of a step (``docs/benchmarks.md``). The p
 uint8 until the device: conversion, normalisation and augmentation happen there.
 
 Reproducible: ``seed`` fixes the initial weights, each epoch's data order
-(``(seed, epoch)``) and its augmentations (``(seed, epoch, rank)``), so a resumed run
-continues exactly as an uninterrupted one would (on the CPU).
+(``(seed, epoch)``) and its augmentations and dropout (``(seed, epoch, rank)``), so a
+resumed run continues exactly as an uninterrupted one would (on the CPU).
 
-Under torchrun: DistributedDataParallel, each rank reading its round-robin share of the
-chunks, all ranks taking the same number of steps; only rank 0 writes the checkpoint.
+Under torchrun (DistributedDataParallel): the **global** batch is ``batch_size`` whatever
+the number of processes. Every rank computes the same epoch plan (:func:`epoch_plan`)
+and trains on its part of each global batch (``batch_size / world`` images,
+:func:`batch_share`), so 1 and N processes take the same optimiser steps per epoch, on the
+same images, at the same learning rate, and every image is seen once an epoch. Batch-norm
+statistics are per rank (per-rank batches), and NT-Xent's negatives are the rank's own
+views, so N-process results are close to, not equal to, one process's. ``--resume`` is
+decided on rank 0, which hands its state to the others; only rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -59,8 +65,9 @@ class TrainConfig:
       machine, but the cores are shared and we measured 150 to 400 images/s under load:
       20 epochs is 2.2 min idle and about 10 min at 400 images/s, inside the 15-minute
       budget, with the loss curve flattening by then.
-    - ``precision`` auto: bf16 autocast on CUDA and on CPUs with native bf16 (AMX /
-      AVX512-BF16; 1.8x faster than fp32 here), fp32 elsewhere. Weights, Adam state and
+    - ``precision`` auto: bf16 autocast on GPUs of compute capability 8 or more (Ampere
+      on) and on CPUs with native bf16 (AMX / AVX512-BF16; 1.8x faster than fp32 here),
+      fp32 elsewhere (older GPUs emulate bf16). Weights, Adam state and
       the loss stay fp32; the embedding pass is always fp32.
     """
 
@@ -97,12 +104,19 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "bf16":
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        # native bf16 from compute capability 8 (Ampere) on; ``is_bf16_supported()`` also
+        # says yes where bf16 is emulated (slow convolutions), and asks the current device
+        return torch.bfloat16 if cuda_bf16_native(device) else None
     import torch.cpu as tc
 
     fast = getattr(tc, "_is_amx_tile_supported", lambda: False)() or getattr(
         tc, "_is_avx512_bf16_supported", lambda: False)()
     return torch.bfloat16 if fast else None
+
+
+def cuda_bf16_native(device: torch.device) -> bool:
+    """Whether the chosen GPU (not the current one) computes bf16 natively (sm_80+)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -123,33 +137,88 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
 
 def train_step(method: Any, net: torch.nn.Module, opt: torch.optim.Optimizer,
                batch: torch.Tensor, prep: Preprocess, amp: torch.dtype | None,
-               targets: torch.Tensor | None = None) -> torch.Tensor:
+               targets: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
     """One optimisation step on a batch already on the device (the training loop's and the
-    benchmark's); returns the loss. ``targets``: per-image labels, for methods that need them."""
+    benchmark's); returns the loss. ``targets``: per-image labels, for methods that need them.
+    ``weight``: the rank's share of a global batch (:func:`batch_share`); the gradient is
+    that of ``weight * loss`` (the returned loss is not weighted)."""
     with autocast(batch.device, amp):
         if targets is None:
             loss = method.loss(net, batch, prep)
         else:
             loss = method.loss(net, batch, prep, targets)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if weight == 1.0 else loss * weight).backward()
     opt.step()
     return loss
 
 
 # ---- input pipeline ----------------------------------------------------------------------
-def epoch_plan(n: int, chunk: int, env: D.DistEnv, batch_size: int, seed: int,
-               epoch: int, keep: np.ndarray | None = None) -> tuple[list[tuple[int, int]], int]:
-    """This rank's blocks for one epoch, in reading order, and the number of steps every
-    rank takes (the smallest rank's batch count, so DDP ranks stay in lock step).
-    ``keep``: optional ``(n,)`` bool mask of the images trained on (the rest are skipped)."""
-    bl = D.blocks(n, env.world, chunk)
+@dataclass
+class EpochPlan:
+    """One epoch's global batches, the same for any number of processes.
+
+    ``groups``: per shuffle buffer, the blocks it reads, the global batches drawn from it
+    (arrays of image positions) and the positions carried to the next buffer. ``steps``:
+    optimiser steps (``ceil(images / batch_size)``; every image once per epoch)."""
+
+    groups: list[tuple[list[tuple[int, int]], list[np.ndarray], np.ndarray]]
+    steps: int
+    n_images: int
+
+
+def epoch_plan(n: int, chunk: int, batch_size: int, seed: int, epoch: int,
+               keep: np.ndarray | None = None, buffer: int = 4) -> EpochPlan:
+    """The global batches of one epoch (see :class:`EpochPlan`).
+
+    Cache chunks in a random order (``(seed, epoch)``), read ``buffer`` at a time; the
+    images of a buffer (plus those carried from the last one) are shuffled together and
+    cut into batches of ``batch_size``; the remainder is carried, and the last buffer
+    ends with one short batch. Under torchrun every rank computes the same plan and
+    trains on its share of each batch (:func:`batch_share`): global batch fixed, the same
+    steps and the same images per step for 1 and N processes. ``keep``: optional
+    ``(n,)`` bool mask of the images trained on."""
+    bl = D.blocks(n, 1, chunk)
     order = np.random.default_rng([seed, epoch]).permutation(len(bl))
-    per_rank = [[bl[i] for i in order[r :: env.world]] for r in range(env.world)]
-    sizes = [sum((b - a) if keep is None else int(keep[a:b].sum()) for a, b in p)
-             for p in per_rank]
-    steps = min(-(-s // batch_size) for s in sizes)
-    return per_rank[env.rank], steps
+    bl = [bl[i] for i in order]
+    rng = np.random.default_rng([seed, epoch, 0, 1])
+    buffer = max(1, buffer)
+    groups: list[tuple[list[tuple[int, int]], list[np.ndarray], np.ndarray]] = []
+    left = np.zeros(0, dtype=np.int64)
+    total = 0
+    for g in range(0, len(bl), buffer):
+        blocks = bl[g : g + buffer]
+        pos = [np.arange(a, b, dtype=np.int64) for a, b in blocks]
+        if keep is not None:
+            pos = [p[keep[p]] for p in pos]
+        pos = np.concatenate([left, *pos])
+        perm = rng.permutation(len(pos))
+        last = g + buffer >= len(bl)
+        cut = len(pos) if last else len(pos) - len(pos) % batch_size
+        batches = [pos[perm[s : s + batch_size]] for s in range(0, cut, batch_size)]
+        left = pos[perm[cut:]]
+        groups.append((blocks, batches, left))
+        total += len(pos) - len(left)
+    return EpochPlan(groups, -(-total // batch_size), total)
+
+
+def batch_share(batch: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, float]:
+    """This rank's images of a global batch and its loss weight.
+
+    The batch is split into ``world`` contiguous parts (sizes differ by at most one);
+    the weight ``len(part) * world / len(batch)`` makes DDP's mean of the ranks' gradients
+    the gradient of the mean loss over the whole batch. A short last batch with fewer than
+    two images per rank is split among fewer ranks (at least two images each: NT-Xent and
+    batch norm need them); a rank left without images trains on two of the batch's with
+    weight 0 (DDP needs every rank's backward; its gradients are zeros)."""
+    if world == 1:
+        return batch, 1.0
+    m = len(batch)
+    k = min(world, max(1, m // 2))
+    if rank < k:
+        part = np.array_split(batch, k)[rank]
+        return part, len(part) * world / m
+    return batch[: min(2, m)], 0.0
 
 
 def feeder_threaded(device: torch.device) -> bool:
@@ -163,65 +232,73 @@ def feeder_threaded(device: torch.device) -> bool:
 
 
 class ChunkFeeder:
-    """uint8 batches ``(B, 3, S, S)`` of one epoch, read ahead by a background thread.
+    """This rank's uint8 batches ``(b, 3, S, S)`` of one :class:`EpochPlan`.
 
-    ``read(start, stop)`` returns pixels of a contiguous block (a whole cache chunk). The
-    thread reads ``buffer`` blocks at a time, shuffles their images together with ``rng``
-    and queues full batches; the remainder is carried into the next buffer. It stops
-    after ``steps`` batches (the last one may be short).
-
-    Optional, for label-trained methods: ``keep``, an ``(n_images,)`` bool mask (only those
-    images are fed), and ``targets``, an ``(n_images, ...)`` array indexed by global image
-    position: then each item is a ``(pixels, targets)`` pair of tensors.
+    Items are ``(pixels, targets, weight)``: ``targets`` the rows of ``targets`` (an
+    ``(n_images, ...)`` array indexed by image position; ``None`` without), ``weight`` the
+    rank's loss weight (:func:`batch_share`; 0 for a rank without images in a short last
+    batch). ``read(start, stop)`` returns the pixels of a block (a whole cache chunk); a
+    reader holding the whole cache in RAM (``.pixels``, :func:`cache_reader`) is indexed
+    directly. Otherwise each buffer's blocks are read whole (under torchrun every rank
+    decompresses every chunk and keeps its share). ``steps``: stop after that many
+    batches (default: the whole plan). Read ahead by a background thread when
+    ``threaded``.
     """
 
-    def __init__(self, read: Callable[[int, int], np.ndarray], blocks: list[tuple[int, int]],
-                 batch_size: int, steps: int, rng: np.random.Generator, *, buffer: int = 4,
-                 prefetch: int = 8, pin: bool = False, threaded: bool = True,
-                 keep: np.ndarray | None = None, targets: np.ndarray | None = None) -> None:
-        self.read, self.blocks, self.batch_size = read, blocks, batch_size
-        self.keep = None if keep is None else torch.from_numpy(np.asarray(keep, dtype=bool))
+    def __init__(self, read: Callable[[int, int], np.ndarray], plan: EpochPlan, *,
+                 rank: int = 0, world: int = 1, steps: int | None = None, prefetch: int = 8,
+                 pin: bool = False, threaded: bool = True,
+                 targets: np.ndarray | None = None) -> None:
+        self.read, self.plan, self.rank, self.world = read, plan, rank, world
         self.targets = None if targets is None else torch.from_numpy(np.ascontiguousarray(targets))
-        self.threaded = threaded
-        self.steps, self.rng, self.buffer, self.pin = steps, rng, max(1, buffer), pin
+        self.ram = getattr(read, "pixels", None)
+        self.steps = plan.steps if steps is None else min(steps, plan.steps)
+        self.threaded, self.pin = threaded, pin
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
         self.stop = threading.Event()
+
+    def _item(self, buf: torch.Tensor, rows: np.ndarray, pos: np.ndarray, weight: float) -> Any:
+        t = buf.index_select(0, torch.from_numpy(rows))
+        t = t.pin_memory() if self.pin else t
+        tg = None if self.targets is None else self.targets.index_select(0, torch.from_numpy(pos))
+        return t, tg, weight
 
     def batches(self) -> Iterator[Any]:
         """The epoch's batches, computed in the calling thread."""
         # torch copies (cat, index_select) release the GIL and are much faster than numpy
         # fancy indexing of uint8 images
         emitted = 0
-        left: torch.Tensor | None = None
-        left_i: torch.Tensor | None = None
-        for g in range(0, len(self.blocks), self.buffer):
-            blocks = self.blocks[g : g + self.buffer]
-            parts = [torch.from_numpy(self.read(a, b)) for a, b in blocks]
-            index = [torch.arange(a, b) for a, b in blocks]  # global image positions
-            if self.keep is not None:
-                masks = [self.keep[a:b] for a, b in blocks]
-                parts = [p[m] for p, m in zip(parts, masks)]
-                index = [i[m] for i, m in zip(index, masks)]
-            if left is not None and len(left):
-                parts.insert(0, left)
-                index.insert(0, left_i)  # type: ignore[arg-type]
-            buf = torch.cat(parts) if len(parts) > 1 else parts[0]
-            pos = torch.cat(index) if len(index) > 1 else index[0]
-            perm = torch.from_numpy(self.rng.permutation(len(buf)))
-            last = g + self.buffer >= len(self.blocks)
-            cut = len(buf) if last else len(buf) - len(buf) % self.batch_size
-            for s in range(0, cut, self.batch_size):
+        if self.ram is not None:
+            whole = torch.from_numpy(self.ram)
+        left_px = torch.zeros(0, dtype=torch.uint8)
+        left_pos = np.zeros(0, dtype=np.int64)
+        for blocks, batches, carry in self.plan.groups:
+            if emitted == self.steps or self.stop.is_set():
+                return
+            if self.ram is not None:
+                for b in batches:
+                    if emitted == self.steps or self.stop.is_set():
+                        return
+                    pos, w = batch_share(b, self.rank, self.world)
+                    yield self._item(whole, pos, pos, w)
+                    emitted += 1
+                continue
+            parts = [left_px, *(torch.from_numpy(self.read(a, b)) for a, b in blocks)]
+            buf = torch.cat(parts)
+            where = np.concatenate([left_pos, *(np.arange(a, b) for a, b in blocks)])
+            order = np.argsort(where, kind="stable")
+
+            def rows(p: np.ndarray) -> np.ndarray:
+                return order[np.searchsorted(where, p, sorter=order)]
+
+            for b in batches:
                 if emitted == self.steps or self.stop.is_set():
                     return
-                t = buf.index_select(0, perm[s : s + self.batch_size])
-                t = t.pin_memory() if self.pin else t
-                if self.targets is None:
-                    yield t
-                else:
-                    yield t, self.targets.index_select(0, pos[perm[s : s + self.batch_size]])
+                pos, w = batch_share(b, self.rank, self.world)
+                yield self._item(buf, rows(pos), pos, w)
                 emitted += 1
-            left = buf.index_select(0, perm[cut:])
-            left_i = pos.index_select(0, perm[cut:])
+            left_px = buf.index_select(0, torch.from_numpy(rows(carry)))
+            left_pos = carry
 
     def _produce(self) -> None:
         try:
@@ -232,7 +309,7 @@ class ChunkFeeder:
         finally:
             self.queue.put(None)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[Any]:
         if not self.threaded:
             yield from self.batches()
             return
@@ -255,16 +332,35 @@ class ChunkFeeder:
                     th.join(0.01)
 
 
-def cache_reader(cache: ImageCache, max_bytes: int = 2 << 30) -> Callable[[int, int], np.ndarray]:
-    """``read(start, stop)`` for the feeder: from RAM when the cache fits in ``max_bytes``.
+class _InRam:
+    """``read(start, stop)`` over the whole cache held in memory (``.pixels``)."""
+
+    def __init__(self, pixels: np.ndarray) -> None:
+        self.pixels = pixels
+
+    def __call__(self, a: int, b: int) -> np.ndarray:
+        return self.pixels[a:b]
+
+
+#: RAM for the decompressed cache, per machine (divided among its processes)
+CACHE_RAM_BYTES = 2 << 30
+
+
+def cache_reader(cache: ImageCache, max_bytes: int | None = None,
+                 local_world: int = 1) -> Callable[[int, int], np.ndarray]:
+    """``read(start, stop)`` for the feeder: from RAM when the cache fits in ``max_bytes``
+    (default :data:`CACHE_RAM_BYTES` divided by ``local_world``, the processes of this
+    machine: each holds its own copy).
 
     A cache that fits (the real dev set at 112 px is 408 MB) is decompressed once per
     training run, so each epoch's feeding is a shuffle of in-memory uint8 images and the
-    input pipeline costs almost nothing; a larger cache is read chunk by chunk from Zarr.
+    input pipeline costs almost nothing; a larger cache is read chunk by chunk from Zarr
+    (the operating system's page cache then shares the compressed file among processes).
     """
+    if max_bytes is None:
+        max_bytes = CACHE_RAM_BYTES // max(1, local_world)
     if cache.n_images * 3 * cache.size * cache.size <= max_bytes:
-        pixels = cache.read_all()
-        return lambda a, b: pixels[a:b]
+        return _InRam(cache.read_all())
     return cache.read
 
 
@@ -352,13 +448,11 @@ def train(
         opt = make_optimizer(model, config)
         losses: list[float] = []
         start = 0
-        if resume and checkpoint.is_file():
-            ck = load_checkpoint(checkpoint)
-            _check_resumable(ck, checkpoint, method, model_config, config, cache)
-            for k, v in (extra or {}).items():
-                if ck.get(k) != v:
-                    raise LymphError(f"--resume: {checkpoint} was trained with other {k!r} "
-                                     "settings; drop --resume to start again")
+        # rank 0 decides whether and from where to resume, and hands every rank its state
+        # (the other ranks never read the checkpoint: their view of it may differ)
+        ck = D.main_decides(env, lambda: _resume_state(
+            checkpoint, resume, method, model_config, config, cache, extra)) if resume else None
+        if ck is not None:
             model.load_state_dict(ck["model"])
             if "optimizer" in ck:
                 opt.load_state_dict(ck["optimizer"])
@@ -388,17 +482,21 @@ def train(
             **(extra or {}),
         }
         n_img, seconds = 0, 0.0
-        read = cache_reader(cache)
+        read = cache_reader(cache, local_world=env.local_world)
+        steps = 0
         for epoch in range(start, config.epochs):
+            # every random draw of the epoch from (seed, epoch, rank): the augmentations'
+            # generator, and the global one (dropout), so that ranks differ and a resumed
+            # run continues as an uninterrupted one would
             gen = torch.Generator().manual_seed(_mix(config.seed, epoch, env.rank))
+            torch.manual_seed(_mix(config.seed, epoch, env.rank, 2))
             prep = Preprocess(cache.channel_mean, cache.channel_std, dev, channels_last=True,
                               generator=gen)
-            my_blocks, steps = epoch_plan(cache.n_images, chunk, env, config.batch_size,
-                                          config.seed, epoch, keep)
-            feeder = ChunkFeeder(read, my_blocks, config.batch_size, steps,
-                                 np.random.default_rng([config.seed, epoch, env.rank, 1]),
-                                 buffer=config.buffer_chunks, pin=dev.type == "cuda",
-                                 threaded=feeder_threaded(dev), keep=keep,
+            plan = epoch_plan(cache.n_images, chunk, config.batch_size, config.seed, epoch,
+                              keep, buffer=config.buffer_chunks)
+            steps = plan.steps
+            feeder = ChunkFeeder(read, plan, rank=env.rank, world=env.world,
+                                 pin=dev.type == "cuda", threaded=feeder_threaded(dev),
                                  targets=targets if needs_labels else None)
             net.train()
             loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -406,14 +504,13 @@ def train(
             t0 = time.perf_counter()
             with progress_bar(f"epoch {epoch + 1}/{config.epochs}", steps,
                               enabled=progress and env.is_main, loss="-", rate="-") as update:
-                for step, item in enumerate(feeder):
-                    if needs_labels:
-                        batch, tg = (t.to(dev, non_blocking=True) for t in item)
-                    else:
-                        batch, tg = item.to(dev, non_blocking=True), None
-                    loss = train_step(m, net, opt, batch, prep, amp, tg)
-                    loss_sum += loss.detach() * batch.shape[0]
-                    seen += batch.shape[0]
+                for step, (px, tg, weight) in enumerate(feeder):
+                    batch = px.to(dev, non_blocking=True)
+                    tg = None if tg is None else tg.to(dev, non_blocking=True)
+                    loss = train_step(m, net, opt, batch, prep, amp, tg, weight)
+                    n = batch.shape[0] if weight > 0 else 0  # a weight-0 stand-in: not seen
+                    loss_sum += loss.detach() * n
+                    seen += n
                     if dev.type == "cpu" or step % 25 == 0:  # .item() is a GPU sync point
                         rate = seen * env.world / max(time.perf_counter() - t0, 1e-9)
                         update(loss=f"{float(loss_sum) / seen:.4f}", rate=f"{rate:.0f} img/s")
@@ -431,6 +528,7 @@ def train(
                 # sha256 is in the store's provenance, which must be reproducible too)
                 save_checkpoint(checkpoint, {
                     **base, "epoch": epoch + 1, "losses": losses,
+                    "world_size": env.world, "steps_per_epoch": steps,
                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                 })
         D.barrier(env)
@@ -448,6 +546,21 @@ def train(
 def _mix(*xs: int) -> int:
     """A 63-bit seed from small integers (stable across runs and platforms)."""
     return int(np.random.default_rng(list(xs)).integers(0, 2**63 - 1))
+
+
+def _resume_state(checkpoint: Path, resume: bool, method: str, model_config: Any,
+                  config: TrainConfig, cache: ImageCache,
+                  extra: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Rank 0's decision for ``--resume``: the checkpoint to continue from, or ``None``."""
+    if not (resume and checkpoint.is_file()):
+        return None
+    ck = load_checkpoint(checkpoint)
+    _check_resumable(ck, checkpoint, method, model_config, config, cache)
+    for k, v in (extra or {}).items():
+        if ck.get(k) != v:
+            raise LymphError(f"--resume: {checkpoint} was trained with other {k!r} "
+                             "settings; drop --resume to start again")
+    return ck
 
 
 def _check_resumable(ck: dict[str, Any], path: Path, method: str, model_config: Any,

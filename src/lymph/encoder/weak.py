@@ -341,7 +341,7 @@ def default_train_config(seed: int = 0) -> Any:
 def _write(cache: Any, out: Path, fold_list: list[Any], scorers: list[tuple[int, np.ndarray, Path]],
            feats: dict[int, np.ndarray], folds: int, seed: int, labels: np.ndarray,
            ids: np.ndarray, sha256_file: Any, summary: WeakSummary) -> Path:
-    from lymph.encoder.embed import write_embedding_store
+    from lymph.encoder.embed import training_processes, write_embedding_store
 
     ptr = cache.patient_ptr
     n_pat = len(ids)
@@ -366,6 +366,7 @@ def _write(cache: Any, out: Path, fold_list: list[Any], scorers: list[tuple[int,
         "dim": int(emb.shape[1]),
         "epochs": int(ck.get("epoch", 0)),
         "final_loss": float(ck["losses"][-1]) if ck.get("losses") else None,
+        **training_processes(ck),
         "weak_folds": {
             "k": folds, "seed": seed,
             "test_ids": [[str(i) for i in ids[te]] for _, _, _, te in fold_list],
