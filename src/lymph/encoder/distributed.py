@@ -340,11 +340,10 @@ def check_shared_folder(env: DistEnv, folder: str | Path, what: str) -> None:
             broadcast_object(env, ("error", err))
             raise LymphError(err)
     try:
-        msg = broadcast_object(env, ("ok", str(token)) if env.is_main else None)
+        msg = broadcast_object(env, ("ok", token.name) if token is not None else None)
         if msg[0] == "error":
             raise RankStopped(msg[1], quiet=True)
-        path = Path(msg[1])
-        seen = path.is_file()
+        seen = (folder / msg[1]).is_file()  # the same path, as this rank's machine sees it
         views = gather_object(env, (env.rank, socket.gethostname(), seen))
     finally:
         if token is not None:
