@@ -354,8 +354,8 @@ def check_shared_folder(env: DistEnv, folder: str | Path, what: str) -> None:
         raise RankStopped(
             f"{what} {folder}: {', '.join(blind)} cannot see the files rank 0 ({main_host}) "
             "writes there. On several machines, lymph embed needs the output folder and the "
-            "image cache on a filesystem every machine mounts at the same path (NFS, Lustre, "
-            "...); see docs/cli.md", quiet=not (env.local_rank == 0))
+            "image cache on a shared filesystem, mounted at the same path on every machine "
+            "(NFS, Lustre, ...); see docs/cli.md", quiet=not (env.local_rank == 0))
 
 
 def check_same_cache(env: DistEnv, path: str | Path, fingerprint: str) -> None:
