@@ -2,6 +2,8 @@
 
 - ``LYMPH_TEST_FAIL_RANK=r``: rank ``r`` fails at its second training step, with a
   LymphError (``LYMPH_TEST_FAIL_KIND=error``, the default) or a RuntimeError (``crash``);
+- ``LYMPH_TEST_SLOW_MAIN=s``: rank 0's ingest of ``--data`` starts ``s`` seconds late (long
+  rank-0-only work);
 - ``LYMPH_TEST_OWN_FOLDER=1``: ranks 1 and up run in a folder of their own, as on a second
   machine without a shared filesystem (a relative ``--out`` then names another folder).
 """
@@ -31,6 +33,19 @@ if os.environ.get("LYMPH_TEST_FAIL_RANK") == str(rank):
         return real(*args, **kwargs)
 
     T.train_step = failing_step
+
+if os.environ.get("LYMPH_TEST_SLOW_MAIN") and rank == 0:
+    import time
+
+    from lymph.encoder import embed as E
+
+    real_ingest = E._ingest_with_progress
+
+    def slow_ingest(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(float(os.environ["LYMPH_TEST_SLOW_MAIN"]))
+        return real_ingest(*args, **kwargs)
+
+    E._ingest_with_progress = slow_ingest
 
 from lymph.cli import app  # noqa: E402
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lymph.data.cache import open_cache
+from lymph.encoder.checkpoint import load_checkpoint
 from lymph.encoder.embed import embed_cache
 from lymph.encoder.model import AEConfig
 from lymph.encoder.train import TrainConfig, train
@@ -51,7 +52,8 @@ def test_two_process_embedding_equals_single_process(synth_cache: Path, encoder:
     np.testing.assert_allclose(two.embeddings, single.embeddings, rtol=1e-5, atol=1e-5)
 
 
-def test_two_process_training_writes_one_store(synth_cache: Path, tmp_path: Path) -> None:
+def test_two_process_training_writes_one_store(synth_cache: Path, encoder: Path,
+                                               tmp_path: Path) -> None:
     out = tmp_path / "ddp.h5"
     r = torchrun("--images", str(synth_cache), "--out", str(out), "--epochs", "2",
                  "--batch-size", "16", "--dim", "8", "--device", "cpu", cwd=tmp_path)
@@ -61,5 +63,10 @@ def test_two_process_training_writes_one_store(synth_cache: Path, tmp_path: Path
     assert s.embeddings.shape == (cache.n_images, 8) and np.isfinite(s.embeddings).all()
     assert list(s.image_paths) == cache.paths
     assert s.provenance["epochs"] == 2
+    # --batch-size is the global batch: the single-process encoder (batch 16) took as many
+    # optimiser steps per epoch
+    assert s.provenance["world_size"] == 2
+    assert s.provenance["steps_per_epoch"] == load_checkpoint(encoder)["steps_per_epoch"]
+    assert load_checkpoint(encoder)["world_size"] == 1
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert leftovers == []  # no temporary files from a second writer

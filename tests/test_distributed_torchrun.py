@@ -125,6 +125,23 @@ def test_a_second_machine_without_the_shared_folder_is_refused(synth_cache: Path
     assert not list(tmp_path.glob("x.*")) and not list(tmp_path.glob(".lymph-*"))
 
 
+def test_long_rank0_work_is_waited_for_without_a_collective_timeout(
+        synth_data: Path, tmp_path: Path) -> None:
+    """Rank 0 ingests (late by 8 s) and computes morphometry alone, with collectives timing
+    out after 3 s: the other rank waits through the store, and the store is the one a
+    single process writes."""
+    from lymph.encoder.embed import run_embed
+
+    rc, out, err = run(2, "--data", str(synth_data), "--out", "m.h5", "--method", "morphometry",
+                       "--size", "32", "--device", "cpu", cwd=tmp_path,
+                       extra_env={"LYMPH_TEST_SLOW_MAIN": "8", "LYMPH_DIST_TIMEOUT": "3"})
+    assert rc == 0, out + err
+    one = run_embed(out=tmp_path / "one" / "m.h5", data=synth_data, method="morphometry",
+                    size=32, device="cpu", progress=False)
+    a, b = open_store(tmp_path / "m.h5"), open_store(one.store)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+
+
 def test_device_cuda_n_under_torchrun_is_refused(synth_cache: Path, tmp_path: Path) -> None:
     rc, out, err = run(2, "--images", str(synth_cache), "--out", "x.h5", "--device", "cuda:1",
                        cwd=tmp_path)
