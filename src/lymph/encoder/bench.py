@@ -299,3 +299,26 @@ def bench_step_ablation(*, batch_size: int = 128, size: int = 112, steps: int = 
         "faults_per_step": {v: statistics.median(f) for v, f in faults.items()},
         "train_images_per_s": batch_size / step["all"] if "all" in step else None,
     }
+
+
+def bench_feed(*, n: int = 10_850, size: int = 112, batch_size: int = 128, world: int = 1,
+               epochs: int = 5, in_ram: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Seconds per epoch of feeding alone (no training): every rank's batches of
+    :func:`epoch_plan` over ``n`` random images held in RAM, read from RAM
+    (``in_ram``) or block by block as from a cache too large for it. Median of ``epochs``;
+    ``images`` counts those fed with a non-zero weight (each image once per epoch)."""
+    from lymph.encoder.train import _InRam
+
+    px = np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
+    read = _InRam(px) if in_ram else (lambda a, b: px[a:b].copy())
+    times, images = [], 0
+    for e in range(epochs):
+        plan = epoch_plan(n, 256, batch_size, seed, e)
+        t = time.perf_counter()
+        images = 0
+        for r in range(world):
+            feeder = ChunkFeeder(read, plan, rank=r, world=world, threaded=False)
+            images += sum(len(x) for x, _, w in feeder if w > 0)
+        times.append(time.perf_counter() - t)
+    return {"world": world, "in_ram": in_ram, "images": images, "steps": plan.steps,
+            "epoch_s": statistics.median(times), "threads": torch.get_num_threads()}
