@@ -47,6 +47,6 @@ if os.environ.get("LYMPH_TEST_SLOW_MAIN") and rank == 0:
 
     E._ingest_with_progress = slow_ingest
 
-from lymph.cli import app  # noqa: E402
+from lymph.cli import app
 
 app(prog_name="lymph")

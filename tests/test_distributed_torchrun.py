@@ -79,7 +79,7 @@ def test_two_process_resume_continues_like_an_uninterrupted_run(synth_cache: Pat
 def test_a_failing_rank_ends_every_rank_promptly_with_its_message(
         synth_cache: Path, tmp_path: Path, kind: str) -> None:
     t0 = time.monotonic()
-    rc, out, err = run(2, "--images", str(synth_cache), "--out", "x.h5", "--epochs", "50",
+    rc, _, err = run(2, "--images", str(synth_cache), "--out", "x.h5", "--epochs", "50",
                        "--batch-size", "8", "--dim", "8", "--device", "cpu", cwd=tmp_path,
                        extra_env={"LYMPH_TEST_FAIL_RANK": "1", "LYMPH_TEST_FAIL_KIND": kind})
     assert rc != 0
@@ -117,7 +117,7 @@ def test_a_failure_on_another_machine_stops_this_one(synth_cache: Path, tmp_path
 
 def test_a_second_machine_without_the_shared_folder_is_refused(synth_cache: Path,
                                                                tmp_path: Path) -> None:
-    rc, out, err = run(2, "--images", str(synth_cache), "--out", "x.h5", "--epochs", "1",
+    rc, _, err = run(2, "--images", str(synth_cache), "--out", "x.h5", "--epochs", "1",
                        "--device", "cpu", cwd=tmp_path, extra_env={"LYMPH_TEST_OWN_FOLDER": "1"})
     assert rc != 0
     assert len(errors(err)) == 1, err
@@ -143,7 +143,7 @@ def test_long_rank0_work_is_waited_for_without_a_collective_timeout(
 
 
 def test_device_cuda_n_under_torchrun_is_refused(synth_cache: Path, tmp_path: Path) -> None:
-    rc, out, err = run(2, "--images", str(synth_cache), "--out", "x.h5", "--device", "cuda:1",
+    rc, _, err = run(2, "--images", str(synth_cache), "--out", "x.h5", "--device", "cuda:1",
                        cwd=tmp_path)
     assert rc != 0
     assert errors(err) == [e for e in errors(err) if "--device cuda:1 under torchrun" in e]

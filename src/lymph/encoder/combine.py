@@ -123,15 +123,16 @@ def run_combination(*, out: Path, data: str | Path | None, images: str | Path | 
     if cache is not None:
         raise LymphError(f"--cache: not with a combined method ({method}); each part's "
                          "cache goes beside the store (OUT.<part>.images-<size>px.zarr)")
-    given = load_checkpoint(encoder) if encoder is not None else None
-    if given is not None:
-        if not is_combination(str(given["method"])) or "parts" not in given:
-            raise LymphError(f"--encoder {encoder}: a {given['method']} checkpoint, not a "
-                             f"combined one; drop --method {method} to use it alone")
-        method = str(given["method"])
-    parts = parts_of(method)
     env = D.setup(device)  # held across the parts, so torchrun's process group lives on
     try:
+        # rank 0 reads the checkpoint; the other ranks get it
+        given = D.main_decides(env, lambda: load_checkpoint(encoder)) if encoder is not None else None
+        if given is not None:
+            if not is_combination(str(given["method"])) or "parts" not in given:
+                raise LymphError(f"--encoder {encoder}: a {given['method']} checkpoint, not a "
+                                 f"combined one; drop --method {method} to use it alone")
+            method = str(given["method"])
+        parts = parts_of(method)
         summary = EmbedSummary(store=None, is_main=env.is_main, world=env.world)
         stores, records = [], []
         for k, part in enumerate(parts):

@@ -27,6 +27,7 @@ Rules of a multi-process run (``docs/cli.md``, "Under torchrun"):
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -225,11 +226,9 @@ def fail(env: DistEnv, exc: BaseException) -> BaseException:
     what = str(exc) if isinstance(exc, LymphError) else f"{type(exc).__name__}: {exc}"
     host = socket.gethostname()
     _reported.append(exc)
-    try:
+    with contextlib.suppress(Exception):  # no store: nothing more to do (torchrun ends the rest)
         _store().compare_set(_FAIL_KEY, "", f"{env.node}\x00rank {env.rank} ({host}) failed: "
                              f"{what}"[:4000])
-    except Exception:  # noqa: BLE001 - nothing more to do; torchrun ends the others
-        pass
     return exc
 
 
@@ -355,7 +354,7 @@ def check_shared_folder(env: DistEnv, folder: str | Path, what: str) -> None:
             f"{what} {folder}: {', '.join(blind)} cannot see the files rank 0 ({main_host}) "
             "writes there. On several machines, lymph embed needs the output folder and the "
             "image cache on a shared filesystem, mounted at the same path on every machine "
-            "(NFS, Lustre, ...); see docs/cli.md", quiet=not (env.local_rank == 0))
+            "(NFS, Lustre, ...); see docs/cli.md", quiet=env.local_rank != 0)
 
 
 def check_same_cache(env: DistEnv, path: str | Path, fingerprint: str) -> None:

@@ -17,9 +17,10 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,9 +109,18 @@ def compute_features(model: torch.nn.Module, method: Any, cache: ImageCache, pre
     return D.gather_blocks(env, local)
 
 
-def load_encoder(encoder: str | Path, device: torch.device) -> tuple[dict[str, Any], Any, torch.nn.Module]:
-    """(checkpoint, method, model in eval mode on ``device``) from a checkpoint file."""
-    ck = load_checkpoint(encoder)
+def load_encoder(encoder: str | Path, device: torch.device,
+                 env: D.DistEnv | None = None) -> tuple[dict[str, Any], Any, torch.nn.Module]:
+    """(checkpoint, method, model in eval mode on ``device``) from a checkpoint file.
+
+    Under torchrun (``env``) rank 0 reads the file and sends the checkpoint, less the
+    optimiser state, to the other ranks, which never read it (their view of the file may
+    differ: a run resumed, a folder that is not shared)."""
+    if env is not None and env.distributed:
+        ck = D.main_decides(env, lambda: {k: v for k, v in load_checkpoint(encoder).items()
+                                          if k != "optimizer"})
+    else:
+        ck = load_checkpoint(encoder)
     method = get_method(ck["method"])
     mcfg = method.config_cls.from_dict(ck["model_config"])
     model = method.build(mcfg)
@@ -134,7 +144,7 @@ def embed_cache(cache: ImageCache, encoder: str | Path, out: str | Path, device:
     own_env = env is None
     env = env or D.setup(device)
     try:
-        ck, method, model = load_encoder(encoder, env.device)
+        ck, method, model = load_encoder(encoder, env.device, env)
         want = ck["cache"]
         if cache.size != want["size"] or cache.crop != want.get("crop"):
             raise LymphError(
@@ -261,9 +271,39 @@ def run_embed(
     ``size`` / ``crop`` (ingesting ``data``) default to the method's ``default_size`` /
     ``default_crop`` (112 px, whole image, when it declares none). Label-trained methods
     (``weak``) train ``folds`` fold scorers and a final one (:mod:`lymph.encoder.weak`)."""
+    out = Path(out)
+    # under torchrun every check below runs inside the process group, so that an error
+    # that every rank meets is printed once (D.fail) and one that a single rank meets (a
+    # file it cannot read) stops the others
+    env = D.setup(device)
+    try:
+        return _run_embed(env, out=out, data=data, images=images, method=method, dim=dim,
+                          epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                          device=device, encoder=encoder, resume=resume, size=size,
+                          cache=cache, progress=progress, crop=crop, folds=folds)
+    except BaseException as e:  # tell the other ranks (or stop quietly if one failed first)
+        err = D.fail(env, e)
+        if err is e:
+            raise
+        raise err from None
+    finally:
+        D.teardown(env)
+
+
+def _encoder_settings(encoder: str | Path) -> dict[str, Any]:
+    """What run_embed needs from an ``--encoder`` checkpoint before embedding with it."""
+    ck = load_checkpoint(encoder)
+    return {"method": str(ck["method"]), "size": int(ck["cache"]["size"]),
+            "crop": ck["cache"].get("crop")}
+
+
+def _run_embed(env: D.DistEnv, *, out: Path, data: str | Path | None, images: str | Path | None,
+               method: str, dim: int | None, epochs: int | None, batch_size: int | None,
+               lr: float | None, seed: int, device: str, encoder: str | Path | None,
+               resume: bool, size: int | None, cache: str | Path | None, progress: bool,
+               crop: int | None, folds: int | None) -> EmbedSummary:
     from lymph.encoder.train import TrainConfig, train
 
-    out = Path(out)
     if (data is None) == (images is None):
         raise LymphError("give exactly one of --data DATA_DIR or --images CACHE.zarr")
     if cache is not None and data is None:
@@ -272,8 +312,9 @@ def run_embed(
         raise LymphError("--resume continues a training; with --encoder nothing is trained")
     if out.suffix.lower() not in (".h5", ".hdf5"):
         raise LymphError(f"--out {out}: expected an HDF5 store path ending in .h5")
-    if is_combination(method) or (encoder is not None
-                                  and is_combination(str(load_checkpoint(encoder)["method"]))):
+    # rank 0 reads the checkpoint (the other ranks get its settings, and later its weights)
+    enc = D.main_decides(env, lambda: _encoder_settings(encoder)) if encoder is not None else None
+    if is_combination(method) or (enc is not None and is_combination(enc["method"])):
         if folds is not None:
             raise LymphError(f"--folds: only for --method weak, not a combination ({method})")
         from lymph.encoder.combine import run_combination
@@ -292,74 +333,64 @@ def run_embed(
                          f"not --method {method}")
     if label_trained and folds is None:
         folds = 5
-    env = D.setup(device)
-    try:
-        summary = EmbedSummary(store=None, is_main=env.is_main, world=env.world)
-        # several machines: every rank must see rank 0's files (refused otherwise)
-        D.check_shared_folder(env, out.parent, "--out folder")
-        ck_in = load_checkpoint(encoder) if encoder is not None else None
-        if ck_in is not None:
-            size, crop = int(ck_in["cache"]["size"]), ck_in["cache"].get("crop")
-        else:
-            size = size or int(getattr(m_obj, "default_size", 112))
-            crop = crop if crop is not None else getattr(m_obj, "default_crop", None)
-        if data is not None:
-            cache_path = Path(cache) if cache else default_cache_path(out, size)
-            D.check_shared_folder(env, cache_path.parent, "--cache folder")
-            # rank 0 ingests; the others wait without a collective timeout (D.main_does)
-            reused = D.main_does(env, f"ingest:{cache_path}", lambda: _ingest_with_progress(
-                data, cache_path, size, crop, progress))  # type: ignore[arg-type]
-            summary.cache, summary.cache_reused = cache_path, reused
-        else:
-            cache_path = Path(images)  # type: ignore[arg-type]
-            summary.cache, summary.cache_reused = cache_path, True
-        c = open_cache(cache_path)
-        D.check_same_cache(env, cache_path, c.fingerprint)
-        summary.n_images, summary.n_patients = c.n_images, c.n_patients
-        if method == "morphometry":
-            summary.dim = _morphometry(c, out, env)
-            summary.store = out
-            return summary
-        if encoder is None and label_trained:
-            return _weak(c, out, folds or 5, seed, epochs, batch_size, lr, resume, env,
-                         progress, summary)
-        if encoder is None:
-            m = get_method(method)
-            # dim None: the method's default; a method may declare its own TrainConfig
-            # defaults (``train_defaults``: (field, value) pairs; the arguments override)
-            mcfg = m.config_cls(size=c.size, **({} if dim is None else {"dim": dim}))
-            tcfg = TrainConfig(seed=seed, **dict(getattr(m, "train_defaults", ())))
-            if epochs is not None:
-                tcfg.epochs = epochs
-            if batch_size is not None:
-                tcfg.batch_size = batch_size
-            if lr is not None:
-                tcfg.lr = lr
-            ckp = checkpoint_path(out)
-            res = train(c, ckp, method=method, model_config=mcfg, config=tcfg, resume=resume,
-                        env=env, progress=progress, loss_curve=loss_curve_path(out))
-            encoder = ckp
-            summary.checkpoint, summary.loss_curve = ckp, res.loss_curve
-            summary.trained_epochs, summary.losses = res.epochs_run, res.losses
-            summary.train_seconds, summary.train_images_per_s = res.seconds, res.images_per_s
-        else:
-            summary.checkpoint = Path(encoder)
-        t0 = time.perf_counter()
-        embed_cache(c, encoder, out, env=env, progress=progress)
-        summary.embed_seconds = time.perf_counter() - t0
+    summary = EmbedSummary(store=None, is_main=env.is_main, world=env.world)
+    # several machines: every rank must see rank 0's files (refused otherwise)
+    D.check_shared_folder(env, out.parent, "--out folder")
+    if enc is not None:
+        size, crop = enc["size"], enc["crop"]
+    else:
+        size = size or int(getattr(m_obj, "default_size", 112))
+        crop = crop if crop is not None else getattr(m_obj, "default_crop", None)
+    if data is not None:
+        cache_path = Path(cache) if cache else default_cache_path(out, size)
+        D.check_shared_folder(env, cache_path.parent, "--cache folder")
+        # rank 0 ingests; the others wait without a collective timeout (D.main_does)
+        reused = D.main_does(env, f"ingest:{cache_path}", lambda: _ingest_with_progress(
+            data, cache_path, size, crop, progress))  # type: ignore[arg-type]
+        summary.cache, summary.cache_reused = cache_path, reused
+    else:
+        cache_path = Path(images)  # type: ignore[arg-type]
+        summary.cache, summary.cache_reused = cache_path, True
+    c = open_cache(cache_path)
+    D.check_same_cache(env, cache_path, c.fingerprint)
+    summary.n_images, summary.n_patients = c.n_images, c.n_patients
+    if method == "morphometry":
+        summary.dim = _morphometry(c, out, env)
         summary.store = out
-        if env.is_main:
-            from lymph.store import open_store
-
-            summary.dim = open_store(out).dim
         return summary
-    except BaseException as e:  # tell the other ranks (or stop quietly if one failed first)
-        err = D.fail(env, e)
-        if err is e:
-            raise
-        raise err from None
-    finally:
-        D.teardown(env)
+    if encoder is None and label_trained:
+        return _weak(c, out, folds or 5, seed, epochs, batch_size, lr, resume, env,
+                     progress, summary)
+    if encoder is None:
+        m = get_method(method)
+        # dim None: the method's default; a method may declare its own TrainConfig
+        # defaults (``train_defaults``: (field, value) pairs; the arguments override)
+        mcfg = m.config_cls(size=c.size, **({} if dim is None else {"dim": dim}))
+        tcfg = TrainConfig(seed=seed, **dict(getattr(m, "train_defaults", ())))
+        if epochs is not None:
+            tcfg.epochs = epochs
+        if batch_size is not None:
+            tcfg.batch_size = batch_size
+        if lr is not None:
+            tcfg.lr = lr
+        ckp = checkpoint_path(out)
+        res = train(c, ckp, method=method, model_config=mcfg, config=tcfg, resume=resume,
+                    env=env, progress=progress, loss_curve=loss_curve_path(out))
+        encoder = ckp
+        summary.checkpoint, summary.loss_curve = ckp, res.loss_curve
+        summary.trained_epochs, summary.losses = res.epochs_run, res.losses
+        summary.train_seconds, summary.train_images_per_s = res.seconds, res.images_per_s
+    else:
+        summary.checkpoint = Path(encoder)
+    t0 = time.perf_counter()
+    embed_cache(c, encoder, out, env=env, progress=progress)
+    summary.embed_seconds = time.perf_counter() - t0
+    summary.store = out
+    if env.is_main:
+        from lymph.store import open_store
+
+        summary.dim = open_store(out).dim
+    return summary
 
 
 def _weak(c: ImageCache, out: Path, folds: int, seed: int, epochs: int | None,

@@ -287,17 +287,13 @@ class ChunkFeeder:
             buf = torch.cat(parts)
             where = np.concatenate([left_pos, *(np.arange(a, b) for a, b in blocks)])
             order = np.argsort(where, kind="stable")
-
-            def rows(p: np.ndarray) -> np.ndarray:
-                return order[np.searchsorted(where, p, sorter=order)]
-
             for b in batches:
                 if emitted == self.steps or self.stop.is_set():
                     return
                 pos, w = batch_share(b, self.rank, self.world)
-                yield self._item(buf, rows(pos), pos, w)
+                yield self._item(buf, _rows(where, order, pos), pos, w)
                 emitted += 1
-            left_px = buf.index_select(0, torch.from_numpy(rows(carry)))
+            left_px = buf.index_select(0, torch.from_numpy(_rows(where, order, carry)))
             left_pos = carry
 
     def _produce(self) -> None:
@@ -330,6 +326,12 @@ class ChunkFeeder:
                     self.queue.get_nowait()
                 except queue.Empty:
                     th.join(0.01)
+
+
+def _rows(where: np.ndarray, order: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Rows of the buffer holding image positions ``pos`` (``where``: each row's position,
+    ``order``: its argsort)."""
+    return order[np.searchsorted(where, pos, sorter=order)]
 
 
 class _InRam:

@@ -269,7 +269,7 @@ def run_weak(cache: Any, out: str | Path, *, folds: int = 5, seed: int = 0,
         t0 = time.perf_counter()
         feats: dict[int, np.ndarray] = {}
         for k, _, path in scorers:
-            ck, method, model = load_encoder(path, env.device)
+            ck, method, model = load_encoder(path, env.device, env)
             norm = ck["normalisation"]
             prep = Preprocess(norm["mean"], norm["std"], env.device, channels_last=True)
             f = compute_features(model, method, cache, prep, env, progress=progress)
@@ -305,7 +305,7 @@ def calibrate(path: Path, cache: Any, rows: np.ndarray, targets: np.ndarray, env
     from lymph.encoder.embed import compute_features, load_encoder
     from lymph.encoder.methods import Preprocess
 
-    ck, method, model = load_encoder(path, env.device)
+    ck, method, model = load_encoder(path, env.device, env)
     model.cal_scale.fill_(1.0)
     model.cal_shift.fill_(0.0)
     norm = ck["normalisation"]
