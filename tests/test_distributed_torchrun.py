@@ -142,6 +142,27 @@ def test_long_rank0_work_is_waited_for_without_a_collective_timeout(
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
 
 
+def test_only_rank0_reads_the_encoder_checkpoint(synth_cache: Path, tmp_path: Path) -> None:
+    """A rank whose checkpoint folder differs (a relative --encoder, resolved on a
+    simulated second machine where it is absent) still embeds: rank 0 sends the weights."""
+    from lymph.encoder.embed import embed_cache
+    from lymph.encoder.model import AEConfig
+    from lymph.encoder.train import TrainConfig, train
+
+    cache = open_cache(synth_cache)
+    train(cache, tmp_path / "enc.pt", model_config=AEConfig(dim=8, size=32),
+          config=TrainConfig(epochs=1, batch_size=16), device="cpu", progress=False)
+    rc, out, err = run(2, "--images", str(synth_cache), "--out", str(tmp_path / "two.h5"),
+                       "--encoder", "enc.pt", "--device", "cpu", cwd=tmp_path,
+                       extra_env={"LYMPH_TEST_OWN_FOLDER": "1"})
+    assert rc == 0, out + err
+    assert not (tmp_path / "rank1" / "enc.pt").exists()
+    one = open_store(embed_cache(cache, tmp_path / "enc.pt", tmp_path / "one.h5", device="cpu",
+                                 progress=False))
+    np.testing.assert_allclose(open_store(tmp_path / "two.h5").embeddings, one.embeddings,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_device_cuda_n_under_torchrun_is_refused(synth_cache: Path, tmp_path: Path) -> None:
     rc, _, err = run(2, "--images", str(synth_cache), "--out", "x.h5", "--device", "cuda:1",
                        cwd=tmp_path)
