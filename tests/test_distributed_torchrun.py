@@ -1,7 +1,8 @@
 """The torchrun path with 2-4 CPU processes (gloo) on the tiny synthetic cache (issue 19):
 steps and provenance equal to one process's, --resume, a failing rank ending every rank
-promptly with its message (also on a simulated second machine), and the refusals (no
-shared filesystem, --device cuda:N)."""
+promptly with its message (also on a simulated second machine), ranks that do not see
+rank 0's files (a second machine without a shared folder), and the refusals (--data
+without a shared cache folder, --device cuda:N)."""
 
 from __future__ import annotations
 
@@ -62,14 +63,20 @@ def test_four_processes_take_the_single_process_steps(synth_cache: Path, tmp_pat
 
 def test_two_process_resume_continues_like_an_uninterrupted_run(synth_cache: Path,
                                                                 tmp_path: Path) -> None:
+    """Rank 1 runs as on a second machine that does not see the checkpoint (a relative
+    --out, resolved in another folder): rank 0 decides to resume and sends its state."""
     common = ("--images", str(synth_cache), "--batch-size", "16", "--dim", "8", "--device", "cpu")
+    own = {"LYMPH_TEST_OWN_FOLDER": "1"}
     rc, out, err = run(2, *common, "--out", "straight.h5", "--epochs", "2", cwd=tmp_path)
     assert rc == 0, out + err
-    rc, out, err = run(2, *common, "--out", "resumed.h5", "--epochs", "1", cwd=tmp_path)
+    rc, out, err = run(2, *common, "--out", "resumed.h5", "--epochs", "1", cwd=tmp_path,
+                       extra_env=own)
     assert rc == 0, out + err
-    rc, out, err = run(2, *common, "--out", "resumed.h5", "--epochs", "2", "--resume", cwd=tmp_path)
+    rc, out, err = run(2, *common, "--out", "resumed.h5", "--epochs", "2", "--resume",
+                       cwd=tmp_path, extra_env=own)
     assert rc == 0, out + err
     assert "trained ae for 1 epoch(s)" in out
+    assert not list((tmp_path / "rank1").iterdir())  # rank 1 wrote and saw nothing there
     a, b = open_store(tmp_path / "straight.h5"), open_store(tmp_path / "resumed.h5")
     np.testing.assert_array_equal(a.embeddings, b.embeddings)
     assert a.provenance["final_loss"] == b.provenance["final_loss"]
@@ -115,10 +122,12 @@ def test_a_failure_on_another_machine_stops_this_one(synth_cache: Path, tmp_path
     assert errors(err0)[0].endswith("failed: planted failure on rank 1")
 
 
-def test_a_second_machine_without_the_shared_folder_is_refused(synth_cache: Path,
-                                                               tmp_path: Path) -> None:
-    rc, _, err = run(2, "--images", str(synth_cache), "--out", "x.h5", "--epochs", "1",
-                       "--device", "cpu", cwd=tmp_path, extra_env={"LYMPH_TEST_OWN_FOLDER": "1"})
+def test_ingesting_without_a_shared_cache_folder_is_refused(synth_data: Path,
+                                                            tmp_path: Path) -> None:
+    """--data: rank 0 ingests the cache that every rank reads; a rank on a machine that does
+    not see its folder (here: the default, beside a relative --out) is named."""
+    rc, _, err = run(2, "--data", str(synth_data), "--out", "x.h5", "--epochs", "1",
+                     "--device", "cpu", cwd=tmp_path, extra_env={"LYMPH_TEST_OWN_FOLDER": "1"})
     assert rc != 0
     assert len(errors(err)) == 1, err
     assert "rank 1 (" in err and "cannot see the files rank 0" in err and "shared" in err
@@ -143,8 +152,9 @@ def test_long_rank0_work_is_waited_for_without_a_collective_timeout(
 
 
 def test_only_rank0_reads_the_encoder_checkpoint(synth_cache: Path, tmp_path: Path) -> None:
-    """A rank whose checkpoint folder differs (a relative --encoder, resolved on a
-    simulated second machine where it is absent) still embeds: rank 0 sends the weights."""
+    """A rank whose checkpoint and output folders differ (a relative --encoder and --out,
+    resolved on a simulated second machine where they are absent) still embeds: rank 0
+    sends the weights and writes the store."""
     from lymph.encoder.embed import embed_cache
     from lymph.encoder.model import AEConfig
     from lymph.encoder.train import TrainConfig, train
@@ -152,7 +162,7 @@ def test_only_rank0_reads_the_encoder_checkpoint(synth_cache: Path, tmp_path: Pa
     cache = open_cache(synth_cache)
     train(cache, tmp_path / "enc.pt", model_config=AEConfig(dim=8, size=32),
           config=TrainConfig(epochs=1, batch_size=16), device="cpu", progress=False)
-    rc, out, err = run(2, "--images", str(synth_cache), "--out", str(tmp_path / "two.h5"),
+    rc, out, err = run(2, "--images", str(synth_cache), "--out", "two.h5",
                        "--encoder", "enc.pt", "--device", "cpu", cwd=tmp_path,
                        extra_env={"LYMPH_TEST_OWN_FOLDER": "1"})
     assert rc == 0, out + err

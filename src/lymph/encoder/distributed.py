@@ -9,12 +9,14 @@ Rules of a multi-process run (``docs/cli.md``, "Under torchrun"):
 - **Device**: rank ``i`` uses GPU ``LOCAL_RANK``; ``--device cuda:N`` (every rank on one GPU)
   and more processes on a machine than it has GPUs are refused before the process group
   starts (:func:`check_device`).
-- **Shared files**: rank 0 writes the cache (``--data``), the checkpoints and the store, and
-  the other ranks read the cache and some of those files back. So every machine must see
-  the output folder (and the cache) at the same path: a shared filesystem. This is checked
-  at start (:func:`check_shared_folder`: rank 0 writes a token, every rank must read it) and
-  a run without one is refused with an error naming the ranks and hosts that did not see
-  it; the cache's fingerprint must be the same on every rank (:func:`check_same_cache`).
+- **Files**: only rank 0 reads checkpoints (``--encoder``, ``--resume``, the one it has
+  just trained) and sends their contents to the other ranks (:func:`main_decides`), and
+  only rank 0 writes; so the output folder need not be shared. Every rank reads the image
+  cache: it must be at the same path on every machine (a shared filesystem or a copy),
+  with the same fingerprint (:func:`check_same_cache`). With ``--data`` rank 0 ingests it,
+  so its folder must be shared: checked at start (:func:`check_shared_folder`: rank 0
+  writes a token, every rank must see it) and refused otherwise, naming the ranks and
+  hosts that did not see it.
 - **Rank-0-only work** (ingest, morphometry, writing the store) may take long: the other
   ranks wait for it through the rendezvous store, polling once a second
   (:func:`main_does`), not in a collective, so no NCCL/gloo timeout applies to it. Short
@@ -352,9 +354,10 @@ def check_shared_folder(env: DistEnv, folder: str | Path, what: str) -> None:
         main_host = views[0][1]
         raise RankStopped(
             f"{what} {folder}: {', '.join(blind)} cannot see the files rank 0 ({main_host}) "
-            "writes there. On several machines, lymph embed needs the output folder and the "
-            "image cache on a shared filesystem, mounted at the same path on every machine "
-            "(NFS, Lustre, ...); see docs/cli.md", quiet=env.local_rank != 0)
+            "writes there. On several machines, --data needs the image cache's folder on a "
+            "shared filesystem, mounted at the same path on every machine (NFS, Lustre, "
+            "...); or ingest first (lymph ingest) and give every machine a copy of the cache "
+            "at the same path with --images; see docs/cli.md", quiet=env.local_rank != 0)
 
 
 def check_same_cache(env: DistEnv, path: str | Path, fingerprint: str) -> None:

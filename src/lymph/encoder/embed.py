@@ -334,8 +334,6 @@ def _run_embed(env: D.DistEnv, *, out: Path, data: str | Path | None, images: st
     if label_trained and folds is None:
         folds = 5
     summary = EmbedSummary(store=None, is_main=env.is_main, world=env.world)
-    # several machines: every rank must see rank 0's files (refused otherwise)
-    D.check_shared_folder(env, out.parent, "--out folder")
     if enc is not None:
         size, crop = enc["size"], enc["crop"]
     else:
@@ -343,8 +341,10 @@ def _run_embed(env: D.DistEnv, *, out: Path, data: str | Path | None, images: st
         crop = crop if crop is not None else getattr(m_obj, "default_crop", None)
     if data is not None:
         cache_path = Path(cache) if cache else default_cache_path(out, size)
-        D.check_shared_folder(env, cache_path.parent, "--cache folder")
-        # rank 0 ingests; the others wait without a collective timeout (D.main_does)
+        # rank 0 ingests, the others then read the cache: they must see its folder (on
+        # several machines, a shared filesystem; refused otherwise). They wait for it
+        # without a collective timeout (D.main_does)
+        D.check_shared_folder(env, cache_path.parent, "folder of the image cache (--cache)")
         reused = D.main_does(env, f"ingest:{cache_path}", lambda: _ingest_with_progress(
             data, cache_path, size, crop, progress))  # type: ignore[arg-type]
         summary.cache, summary.cache_reused = cache_path, reused
