@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
 import signal
 import socket
@@ -55,6 +56,7 @@ _FAIL_KEY = "lymph/failed"
 _POLL_S = 1.0  # how often the watchdog and the waits look at the store
 _GRACE_S = 5.0  # after a peer failed: time for the main thread to unwind before exiting
 _reported: list[BaseException] = []  # this process's own failure, once reported
+_waits = itertools.count()  # main_does calls, numbered alike on every rank
 
 
 class RankStopped(LymphError):
@@ -305,7 +307,7 @@ def main_does(env: DistEnv, name: str, fn: Callable[[], Any]) -> Any:
         return fn()
     import pickle
 
-    key = f"lymph/done/{name}"
+    key = f"lymph/done/{next(_waits)}/{name}"  # unique, even for the same work twice
     store = _store()
     if env.is_main:
         result = fn()
