@@ -169,3 +169,39 @@ def test_resumed_weak_training_continues_exactly(synth_cache: Path, tmp_path: Pa
     for k, v in straight["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
     assert straight["steps_per_epoch"] == -(-rows.size // 16) and straight["world_size"] == 1
+
+
+_WATCHDOG = r'''
+import sys, time
+import torch.distributed as dist
+from lymph.encoder import distributed as D
+
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+env = D.DistEnv(rank=1, world=2, local_rank=0, node=0)  # this process plays rank 1 of 2
+env._watch = D._Watchdog(env)
+t0 = time.monotonic()
+try:
+    D._store().set(D._FAIL_KEY, "1\x00rank 0 (host-b) failed: boom")  # as rank 0 would
+    time.sleep(30)  # busy in Python: the watchdog must interrupt this
+    print("not stopped")
+except D.RankStopped as e:
+    print(f"stopped after {time.monotonic() - t0:.1f} s; quiet={e.quiet}; {e}")
+finally:
+    D.teardown(env)
+    dist.destroy_process_group()
+'''
+
+
+def test_watchdog_stops_this_rank_when_another_failed(tmp_path: Path) -> None:
+    """The failure recorded in the rendezvous store by another rank (on another machine)
+    reaches this rank's main thread as RankStopped within a couple of seconds, printed
+    (local rank 0 of another machine than the failing one)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _WATCHDOG, str(tmp_path / "store")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip().splitlines()[-1]
+    assert line.endswith("quiet=False; stopped because rank 0 (host-b) failed: boom"), line
+    assert float(line.split()[2]) < 5
