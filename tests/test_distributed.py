@@ -205,3 +205,32 @@ def test_watchdog_stops_this_rank_when_another_failed(tmp_path: Path) -> None:
     line = r.stdout.strip().splitlines()[-1]
     assert line.endswith("quiet=False; stopped because rank 0 (host-b) failed: boom"), line
     assert float(line.split()[2]) < 5
+
+
+def test_a_one_image_last_batch_joins_the_previous_one_for_contrastive(synth_cache: Path,
+                                                                        tmp_path: Path) -> None:
+    """NT-Xent needs 2 images: with ``min_batch`` 2 a 1-image tail is merged (it used to
+    crash the run); the feeder's two paths still agree and every image is fed once."""
+    # 1000 % 111 == 1 (chunks of 64, buffers of 2 or 16 chunks); 112 % 111 == 1 with the
+    # last image alone in the last buffer (merged into the buffer before)
+    for n, chunk, buffer in ((1000, 64, 2), (1000, 64, 16), (112, 111, 1)):
+        plan = T.epoch_plan(n, chunk, 111, seed=0, epoch=0, buffer=buffer, min_batch=2)
+        batches = [b for _, bb, _ in plan.groups for b in bb]
+        assert plan.steps == len(batches) == n // 111 and min(len(b) for b in batches) >= 2
+        assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+        px = _pixels(n)
+        for world in (1, 3):
+            ram = list(T.ChunkFeeder(T._InRam(px), plan, rank=world - 1, world=world, threaded=False))
+            chunks = list(T.ChunkFeeder(lambda a, b: px[a:b], plan, rank=world - 1, world=world,
+                                        threaded=False))
+            assert all(torch.equal(a[0], b[0]) for a, b in zip(ram, chunks))
+    assert T.epoch_plan(1000, 64, 111, seed=0, epoch=0).steps == 10  # other methods: unchanged
+    from lymph.encoder.contrastive import ContrastiveConfig
+
+    cache = open_cache(synth_cache)
+    bs = next(b for b in range(9, 40) if cache.n_images % b == 1)
+    res = T.train(cache, tmp_path / "c.pt", method="contrastive", device="cpu", progress=False,
+                  model_config=ContrastiveConfig(dim=4, size=32, channels=(4, 4, 4, 4),
+                                                 proj_hidden=8, proj_dim=4),
+                  config=T.TrainConfig(epochs=1, batch_size=bs))
+    assert load_checkpoint(res.checkpoint)["steps_per_epoch"] == cache.n_images // bs

@@ -208,6 +208,9 @@ class ContrastiveMethod:
     config_cls: type = ContrastiveConfig
     trainable: bool = True
     loss_name: str = "NT-Xent loss"
+    #: NT-Xent needs two images (four views) per batch: a last batch of one image joins the
+    #: one before it (lymph.encoder.train.epoch_plan)
+    min_batch: int = 2
     # `lymph embed --data` ingests at this size and centre crop: the cell fills the middle
     # ~112 px of the 224 px images; a 160 px crop keeps it whole with room for the zoom and
     # shift augmentations, and 64 px (2.5x down) keeps nucleus shape and size at a quarter

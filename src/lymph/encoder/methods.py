@@ -12,7 +12,9 @@ A method is an object with
   normalised float batch, ``normalise.augment(batch)`` for a random view). ``model`` may be
   wrapped by DistributedDataParallel: call it, do not reach into it;
 - ``features(model, x) -> (B, D)``: ``x`` normalised (``normalise(batch)``), ``model`` the
-  bare module in eval mode, under ``torch.no_grad``.
+  bare module in eval mode, under ``torch.no_grad``;
+- optionally ``min_batch`` (default 1): the smallest batch ``loss`` accepts; a shorter last
+  batch of an epoch joins the one before it.
 
 Adding a method: write a class like :class:`AutoencoderMethod` and call :func:`register`
 at import time of its module (listed in ``_BUILTIN_MODULES`` to be found by name).

@@ -168,7 +168,7 @@ class EpochPlan:
 
 
 def epoch_plan(n: int, chunk: int, batch_size: int, seed: int, epoch: int,
-               keep: np.ndarray | None = None, buffer: int = 4) -> EpochPlan:
+               keep: np.ndarray | None = None, buffer: int = 4, min_batch: int = 1) -> EpochPlan:
     """The global batches of one epoch (see :class:`EpochPlan`).
 
     Cache chunks in a random order (``(seed, epoch)``), read ``buffer`` at a time; the
@@ -177,7 +177,8 @@ def epoch_plan(n: int, chunk: int, batch_size: int, seed: int, epoch: int,
     ends with one short batch. Under torchrun every rank computes the same plan and
     trains on its share of each batch (:func:`batch_share`): global batch fixed, the same
     steps and the same images per step for 1 and N processes. ``keep``: optional
-    ``(n,)`` bool mask of the images trained on."""
+    ``(n,)`` bool mask of the images trained on. ``min_batch``: the method's smallest
+    batch (NT-Xent needs 2 images); a shorter last batch joins the one before it."""
     bl = D.blocks(n, 1, chunk)
     order = np.random.default_rng([seed, epoch]).permutation(len(bl))
     bl = [bl[i] for i in order]
@@ -199,7 +200,18 @@ def epoch_plan(n: int, chunk: int, batch_size: int, seed: int, epoch: int,
         left = pos[perm[cut:]]
         groups.append((blocks, batches, left))
         total += len(pos) - len(left)
-    return EpochPlan(groups, -(-total // batch_size), total)
+    if min_batch > 1 and groups and groups[-1][1] and len(groups[-1][1][-1]) < min_batch:
+        blocks, batches, _ = groups.pop()
+        tail = batches.pop()
+        if not batches and groups:  # alone in its buffer: merge the buffer into the last one
+            prev_blocks, batches, _ = groups.pop()
+            blocks = prev_blocks + blocks
+        if batches:
+            batches[-1] = np.concatenate([batches[-1], tail])
+        else:  # the whole epoch is one short batch: left to the method to refuse
+            batches = [tail]
+        groups.append((blocks, batches, np.zeros(0, dtype=np.int64)))
+    return EpochPlan(groups, sum(len(b) for _, b, _ in groups), total)
 
 
 def batch_share(batch: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, float]:
@@ -495,7 +507,8 @@ def train(
             prep = Preprocess(cache.channel_mean, cache.channel_std, dev, channels_last=True,
                               generator=gen)
             plan = epoch_plan(cache.n_images, chunk, config.batch_size, config.seed, epoch,
-                              keep, buffer=config.buffer_chunks)
+                              keep, buffer=config.buffer_chunks,
+                              min_batch=int(getattr(m, "min_batch", 1)))
             steps = plan.steps
             feeder = ChunkFeeder(read, plan, rank=env.rank, world=env.world,
                                  pin=dev.type == "cuda", threaded=feeder_threaded(dev),
