@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,12 @@ def _check_arrays(
         raise bad("/patients/label", "values in {1, 0, -1}", sorted(set(lab.tolist())))
     if len(set(ids.tolist())) != n_pat:
         raise bad("/patients/id", "unique patient ids", "duplicates")
+    for pid in ids.tolist():  # ids name report files (misclassified/<id>.png): never a path
+        if not _ID_RE.match(str(pid)) or ".." in str(pid):
+            raise bad("/patients/id", "plain patient names (letters, digits, '_', '-', '.'; "
+                      "no path separators or '..')", repr(str(pid))[:80])
+    _check_finite(where, "/embeddings", emb, ptr, ids)
+    _check_finite(where, "/patients/clinical", clin, None, ids)
     if clin.ndim != 2 or clin.shape[0] != n_pat:
         raise bad("/patients/clinical", f"shape ({n_pat}, n_features)", f"shape {clin.shape}")
     if len(cols) != clin.shape[1]:
@@ -268,6 +275,26 @@ def _check_arrays(
         raise bad("/images/path", f"{emb.shape[0]} paths", len(image_paths))
     if patient_scorer is not None and np.asarray(patient_scorer).shape != (n_pat,):
         raise bad("/patients/scorer", f"shape ({n_pat},)", np.asarray(patient_scorer).shape)
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")  # as lymph.data.challenge
+
+
+def _check_finite(where: str, name: str, x: np.ndarray, ptr: np.ndarray | None,
+                  ids: np.ndarray) -> None:
+    """NaN or infinity never enters or leaves a store: name the first patient holding one."""
+    if x.size == 0 or np.isfinite(x).all():
+        return
+    rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    n_bad = int((~np.isfinite(x)).sum())
+    if ptr is not None:  # instance rows -> patients
+        pats = np.unique(np.searchsorted(ptr, rows, side="right") - 1)
+    else:
+        pats = rows
+    names = ", ".join(str(ids[i]) for i in pats[:5] if 0 <= i < len(ids))
+    raise LymphError(f"{where}: {name}: expected finite numbers, got {n_bad} NaN or infinite "
+                     f"value(s) (patient(s) {names}{' ...' if pats.size > 5 else ''}); "
+                     "a diverged encoder or broken input: refused")
 
 
 def content_sha256(

@@ -1,0 +1,106 @@
+"""Range checks with one message format: ``NAME: expected ALLOWED, got VALUE``.
+
+Used for every numeric option (the CLI, before anything heavy is imported), every
+pipeline setting and every number read from a model directory. Library callers name the
+setting (``crop``, ``head.folds``), the CLI names its flag (``--crop``).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+from typing import Any
+
+from lymph.errors import LymphError
+
+
+def _fmt(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer in ``[lo, hi]`` (either bound optional)."""
+    if lo is not None and hi is not None:
+        allowed = f"an integer from {lo} to {hi}"
+    elif lo is not None:
+        allowed = f"an integer >= {lo}"
+    elif hi is not None:
+        allowed = f"an integer <= {hi}"
+    else:
+        allowed = "an integer"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            isinstance(value, float) and (not math.isfinite(value) or value != int(value))):
+        raise LymphError(f"{name}: expected {allowed}, got {_fmt(value)}")
+    v = int(value)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise LymphError(f"{name}: expected {allowed}, got {_fmt(value)}")
+    return v
+
+
+def check_float(name: str, value: Any, lo: float | None = None, hi: float | None = None, *,
+                lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite number in the interval given by ``lo``/``hi`` (open ends with ``*_open``)."""
+    if lo is not None and hi is not None:
+        allowed = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    elif lo is not None:
+        allowed = f"a number {'>' if lo_open else '>='} {lo}"
+    elif hi is not None:
+        allowed = f"a number {'<' if hi_open else '<='} {hi}"
+    else:
+        allowed = "a finite number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LymphError(f"{name}: expected {allowed}, got {_fmt(value)}")
+    v = float(value)
+    bad = not math.isfinite(v)
+    if lo is not None:
+        bad = bad or (v <= lo if lo_open else v < lo)
+    if hi is not None:
+        bad = bad or (v >= hi if hi_open else v > hi)
+    if bad:
+        raise LymphError(f"{name}: expected {allowed}, got {_fmt(value)}")
+    return v
+
+
+def check_choice(name: str, value: Any, choices: list[str] | tuple[str, ...]) -> str:
+    if value not in choices:
+        raise LymphError(f"{name}: expected one of {', '.join(choices)}, got {_fmt(value)}")
+    return str(value)
+
+
+def check_threshold(name: str, value: Any) -> str | float:
+    """'inner' or a number in (0, 1)."""
+    if value == "inner":
+        return "inner"
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise LymphError(f"{name}: expected 'inner' or a number in (0, 1), got {_fmt(value)}") from None
+    if not (math.isfinite(t) and 0.0 < t < 1.0):
+        raise LymphError(f"{name}: expected 'inner' or a number in (0, 1), got {_fmt(value)}")
+    return t
+
+
+def module_constant(module: str, name: str) -> Any:
+    """A literal constant of a lymph module, read from its source without importing it
+    (so the CLI can check a name against a registry before torch is imported). None when
+    it cannot be read that way."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            return None
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    except (ImportError, OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
+        for t in targets:
+            if isinstance(t, ast.Name) and t.id == name and node.value is not None:
+                try:
+                    return ast.literal_eval(node.value)
+                except ValueError:
+                    return None
+    return None
