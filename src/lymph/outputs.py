@@ -22,9 +22,9 @@ import os
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lymph.errors import LymphError
 
@@ -108,7 +108,7 @@ def _store(p: Path) -> str | None:
 
         with h5py.File(p, "r") as f:
             etype = f.attrs.get("encoding-type")
-    except Exception:  # any damaged file: not recognisably ours
+    except Exception:  # noqa: BLE001 -- any damaged file: not recognisably ours
         return "it is not a readable embedding store"
     if isinstance(etype, bytes):
         etype = etype.decode("utf-8", "replace")

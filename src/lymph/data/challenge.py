@@ -36,6 +36,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 CLINICAL_COLUMNS = ("age", "log_lymph_count", "gender_male")
 _ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _SPLIT_CSV_PREFERENCE = ("trainset_true.csv", "testset_data.csv")
+#: a plain decimal number as a lab system writes it: no '_' separators, no inf/nan, no hex
+_NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+MAX_AGE = 120.0  # years at REFERENCE_DATE; an older patient is a typing error
 
 
 @dataclass
@@ -116,6 +119,8 @@ def parse_dob(value: str, where: str) -> dt.date:
     """Parse a DOB by its separator: ``M/D/YYYY``, ``DD-MM-YYYY`` or ``YYYY-MM-DD``."""
     s = str(value).strip()
     try:
+        if not re.fullmatch(r"\d{1,4}([/-])\d{1,4}\1\d{1,4}", s):
+            raise ValueError
         if "/" in s:
             m, d, y = (int(x) for x in s.split("/"))
         elif "-" in s:
@@ -135,12 +140,22 @@ def parse_dob(value: str, where: str) -> dt.date:
         ) from None
     if date > dt.date.today():
         raise LymphError(f"{where}, field DOB: {s!r} lies in the future")
+    age = (REFERENCE_DATE - date).days / 365.25
+    if age > MAX_AGE:
+        raise LymphError(f"{where}, field DOB: {s!r} gives an age of {age:.0f} years at "
+                         f"{REFERENCE_DATE.isoformat()}; expected 0 to {MAX_AGE:.0f}")
+    if age < 0:
+        raise LymphError(f"{where}, field DOB: {s!r} is after {REFERENCE_DATE.isoformat()}, the "
+                         "date at which ages are computed (a negative age); expected an "
+                         "earlier date")
     return date
 
 
 def parse_lymph_count(value: str, where: str) -> float:
     s = str(value).strip()
     try:
+        if not _NUMBER_RE.match(s):
+            raise ValueError
         x = float(s)
     except ValueError:
         raise LymphError(
@@ -156,6 +171,8 @@ def parse_lymph_count(value: str, where: str) -> float:
 def parse_label(value: str, where: str) -> int:
     s = str(value).strip()
     try:
+        if not _NUMBER_RE.match(s):
+            raise ValueError
         f = float(s)
         if f != int(f):
             raise ValueError
@@ -199,6 +216,20 @@ def _read_csv_text(path: Path) -> str:
     return text.lstrip("\ufeff")
 
 
+def _check_header(csv_path: Path) -> None:
+    """Refuse a header naming a column twice (pandas would silently rename one)."""
+    import csv
+
+    first = next(csv.reader(io.StringIO(_read_csv_text(csv_path))), [])
+    names = [c.strip() for c in first]
+    seen: set[str] = set()
+    for k, c in enumerate(names, start=1):
+        if c and c in seen:
+            raise LymphError(f"{csv_path}, line 1, column {k}: duplicated column name {c!r} "
+                             "(expected each column once)")
+        seen.add(c)
+
+
 def read_split_csv(csv_path: Path, split: str) -> list[Patient]:
     """Parse one split CSV into patients (without images)."""
     import pandas as pd
@@ -211,6 +242,7 @@ def read_split_csv(csv_path: Path, split: str) -> list[Patient]:
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise LymphError(f"{csv_path}: not a readable CSV ({e})") from None
+    _check_header(csv_path)
     df.columns = [str(c).strip() for c in df.columns]
     unnamed = [c for c in df.columns if c == "" or c.startswith("Unnamed:")]
     df = df.drop(columns=unnamed)

@@ -9,15 +9,20 @@ rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lymph.atomic import sha256_text, write_text_atomic
 from lymph.errors import LymphError
+
+log = logging.getLogger("lymph")
 
 MANIFEST = "stage.json"
 STAGES = ("data", "ingest", "embed", "head", "compare")
@@ -51,6 +56,50 @@ class Stage:
 
     def read_manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest.read_text(encoding="utf-8"))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the stage's lock (``<stage>/.<fingerprint>.lock``, an advisory ``flock``):
+        two runs never write one stage folder at once; the second waits, then finds the
+        stage complete and reuses it. The kernel drops the lock of a killed run."""
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        path = self.folder.parent / f".{self.fingerprint}.lock"
+        with open(path, "a+") as f:
+            try:
+                import fcntl
+            except ImportError:  # not POSIX: no lock (documented)
+                yield
+                return
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning("%s: another lymph run is writing this stage; waiting for it",
+                            self.folder)
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def build(self, work: Callable[[Path], dict[str, Any]], config: dict[str, Any]
+              ) -> tuple[dict[str, Any], bool, float]:
+        """Reuse the complete stage, or build it under the lock: ``(outputs, cached,
+        seconds)``. A failed or interrupted build leaves no folder (and so no cache)."""
+        if self.is_complete():
+            return self.read_manifest()["outputs"], True, 0.0
+        with self.lock():
+            if self.is_complete():  # another run built it while we waited
+                return self.read_manifest()["outputs"], True, 0.0
+            t0 = time.perf_counter()
+            folder = self.begin()
+            try:
+                outs = work(folder)
+                secs = time.perf_counter() - t0
+                self.finish(config, outs, secs)
+            except BaseException:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                raise
+        return outs, False, secs
 
     def begin(self) -> Path:
         """Start (or restart) the stage: an incomplete folder is cleared."""
