@@ -10,7 +10,6 @@ and the next run removes the leftovers it recognises as a dead run's.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,32 +21,10 @@ import pytest
 
 from lymph.data.cache import open_cache
 from lymph.store import open_store
-from reliability_helpers import (ENV, HEAD, SIZE, TRAIN, child_stderr, cli, make_tiny,
-                                 tmp_leftovers, train_tiny, wait_for)
+from reliability_helpers import (HEAD, SIZE, TRAIN, child_stderr, cli, make_tiny,
+                                 slowed_child, tmp_leftovers, train_tiny, wait_for)
 
-CHILD = r"""
-import importlib, json, os, sys, time
-spec = json.loads(sys.argv[1])
-import lymph.data.cache as cache
-cache.CHUNK = 8  # several chunks: the fork pool runs
-mod = importlib.import_module(spec["module"])
-owner, name = mod, spec["attr"]
-if "." in name:
-    cls, name = name.split(".")
-    owner = getattr(mod, cls)
-real = getattr(owner, name)
-def slow(*a, **k):
-    with open(spec["pids"], "a") as f:
-        f.write(f"{os.getpid()}\n")
-    print("BUSY", flush=True)
-    time.sleep(spec["sleep"])
-    return real(*a, **k)
-setattr(owner, name, slow)
-from lymph.cli import app
-sys.argv = ["lymph", *spec["args"]]
-app()
-"""
-
+pytestmark = pytest.mark.slow  # child processes, most of them import torch: ~7 s each
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -69,18 +46,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
 
-
-def start(work: Path, args: list[object], module: str, attr: str, sleep: float):
-    pids = work / "pids.txt"
-    spec = {"args": [str(a) for a in args], "module": module, "attr": attr,
-            "sleep": sleep, "pids": str(pids)}
-    import tempfile
-
-    err = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, cwd=work)
-    proc.err_file = err  # type: ignore[attr-defined]
-    return proc, pids
 
 
 def _setup(command: str, base: dict[str, Path], work: Path):
@@ -124,7 +89,7 @@ def test_signal_ends_the_command_cleanly(base: dict[str, Path], tmp_path: Path, 
     work = tmp_path / "w"
     work.mkdir()
     args, module, attr, intact, out = _setup(command, base, work)
-    proc, pids = start(work, args, module, attr, 0.3)
+    proc, pids = slowed_child(work, args, module, attr, 0.3)
     wait_for(proc, "BUSY", timeout=120)
     time.sleep(0.4)
     t0 = time.perf_counter()
@@ -157,7 +122,7 @@ def test_sigkill_workers_die_and_next_run_cleans_up(base: dict[str, Path], tmp_p
     work = tmp_path / "w"
     work.mkdir()
     args, module, attr, intact, out = _setup("ingest", base, work)
-    proc, pids = start(work, args, module, attr, 0.3)
+    proc, pids = slowed_child(work, args, module, attr, 0.3)
     wait_for(proc, "BUSY", timeout=120)
     time.sleep(0.4)
     proc.kill()
