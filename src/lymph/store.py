@@ -184,6 +184,9 @@ def write_store(
         str(path), emb, ptr, ids_arr, lab, clin, cols, feature_columns,
         image_paths, patient_scorer,
     )
+    from lymph.outputs import check_output
+
+    check_output(path, "store", name="store")  # replaces only a lymph store
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False) as f:
             chunk_rows = max(1, min(emb.shape[0], max(1, (1 << 18) // max(1, emb.shape[1] * 4))))

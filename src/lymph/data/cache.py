@@ -227,6 +227,9 @@ def ingest(
                 return IngestResult(out, True, existing.n_images, existing.n_patients, [])
         except LymphError:
             pass
+    from lymph.outputs import check_output
+
+    check_output(out, "cache", name="image cache", inputs=[data_dir])  # never a user's folder
     paths = [str(p) for p in data.image_paths()]
     n = len(paths)
     workers = workers or os.cpu_count() or 1

@@ -38,6 +38,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _SPLIT_CSV_PREFERENCE = ("trainset_true.csv", "testset_data.csv")
 #: a plain decimal number as a lab system writes it: no '_' separators, no inf/nan, no hex
 _NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+MAX_LYMPH_COUNT = 1000.0  # x 10^9/L; the dev set's highest is 295
 MAX_AGE = 120.0  # years at REFERENCE_DATE; an older patient is a typing error
 
 
@@ -165,6 +166,10 @@ def parse_lymph_count(value: str, where: str) -> float:
         raise LymphError(
             f"{where}, field LYMPH_COUNT: {s!r} must be a positive number (lymphocytes in 10^9/L)"
         )
+    if x > MAX_LYMPH_COUNT:
+        raise LymphError(
+            f"{where}, field LYMPH_COUNT: {s!r} is above {MAX_LYMPH_COUNT:g}, more than any "
+            "blood holds: expected lymphocytes in 10^9/L (not per microlitre)")
     return x
 
 

@@ -182,7 +182,10 @@ def _write_model_dir(path: str | os.PathLike[str], model: Any, store: Any,
     and provenance), the encoder copy and the ``extra`` files; atomic."""
     import lymph
 
+    from lymph.outputs import check_output
+
     path = Path(path)
+    check_output(path, "model", name="model directory")  # replaces only a lymph model
     with atomic_path(path) as tmp:
         tmp.mkdir(parents=True)
         meta = {"encoding-type": ENCODING_TYPE, "encoding-version": ENCODING_VERSION,

@@ -155,6 +155,9 @@ def merge(config: dict[str, dict[str, Any]], overrides: dict[str, Any], source: 
                     f"{source}: unknown key {section}.{key} "
                     f"(known: {', '.join(sorted(DEFAULTS[section]))})"
                 )
+            if (section, key) == ("head", "threshold") and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                value = str(value)  # a number is as good as its text ('inner' or (0, 1))
             try:
                 config[section][key] = _coerce(f"{section}.{key}", DEFAULTS[section][key], value)
                 check_setting(f"{section}.{key}", config[section][key])
