@@ -208,9 +208,13 @@ def embed(
     check_options(dim=(dim, "int", 1), epochs=(epochs, "int", 1),
                   batch_size=(batch_size, "int", 1), lr=(lr, "pos"), seed=(seed, "int", 0),
                   size=(size, "int", 8, 1024), crop=(crop, "int", 1), folds=(folds, "int", 2))
-    from lymph.checks import check_choice
+    from lymph.checks import check_choice, registered_names
 
     check_choice("--device", device, ("auto", "cpu", "cuda"))
+    known = registered_names("lymph.encoder.methods", "_BUILTIN_MODULES")
+    if known and encoder is None:  # 'A+B' combines registered methods and morphometry
+        for part in method.split("+"):
+            check_choice("--method", part.strip(), (*known, "morphometry"))
     if out.suffix.lower() in (".h5", ".hdf5"):
         stem = out.with_name(out.stem)
         outs: dict[str, tuple[Any, str]] = {"--out": (out, "store")}

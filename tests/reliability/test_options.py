@@ -37,6 +37,8 @@ BAD: list[tuple[list[str], str]] = [
     (["embed", "--data", D, "--out", "s.h5", "--crop", "0"], "--crop"),
     (["embed", "--images", C, "--out", "s.h5", "--folds", "1"], "--folds"),
     (["embed", "--images", C, "--out", "s.h5", "--device", "gpu"], "--device"),
+    (["embed", "--images", C, "--out", "s.h5", "--method", "aee"], "--method"),
+    (["embed", "--images", C, "--out", "s.h5", "--method", "ae+morpho"], "--method"),
     (["fit-head", "--store", S, "--pooling", "attn"], "--pooling"),
     (["fit-head", "--store", S, "--fusion", "early"], "--fusion"),
     (["fit-head", "--store", S, "--folds", "1"], "--folds"),
@@ -129,3 +131,13 @@ def test_library_messages_name_the_setting(tmp_path: Path) -> None:
         ingest(tmp_path, tmp_path / "c.zarr", crop=0)
     with pytest.raises(LymphError, match=r"^size: expected an integer from 8 to 1024, got 2$"):
         ingest(tmp_path, tmp_path / "c.zarr", size=2)
+
+
+def test_early_name_checks_read_the_registries() -> None:
+    """The names the CLI checks before importing torch are the registries' own."""
+    from lymph.checks import module_constant, registered_names
+    from lymph.encoder.methods import method_names
+    from lymph.head.pooling import POOLINGS
+
+    assert registered_names("lymph.encoder.methods", "_BUILTIN_MODULES") == method_names()
+    assert tuple(module_constant("lymph.head.pooling", "POOLINGS")) == tuple(POOLINGS)
