@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -61,25 +62,40 @@ class Stage:
     def lock(self) -> Iterator[None]:
         """Hold the stage's lock (``<stage>/.<fingerprint>.lock``, an advisory ``flock``):
         two runs never write one stage folder at once; the second waits, then finds the
-        stage complete and reuses it. The kernel drops the lock of a killed run."""
+        stage complete and reuses it. The kernel drops the lock of a killed run. The lock
+        file is removed by its holder; a waiter that then gets the lock of a removed file
+        opens the path again (so two runs never hold two different files)."""
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         path = self.folder.parent / f".{self.fingerprint}.lock"
-        with open(path, "a+") as f:
-            try:
-                import fcntl
-            except ImportError:  # not POSIX: no lock (documented)
-                yield
-                return
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (documented)
+            yield
+            return
+        warned = False
+        while True:
+            f = open(path, "a+")
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                log.warning("%s: another lymph run is writing this stage; waiting for it",
-                            self.folder)
+                if not warned:
+                    log.warning("%s: another lymph run is writing this stage; waiting for it",
+                                self.folder)
+                    warned = True
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+                same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()  # the holder removed that file: lock the path anew
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            f.close()  # releases the lock
 
     def build(self, work: Callable[[Path], dict[str, Any]], config: dict[str, Any]
               ) -> tuple[dict[str, Any], bool, float]:
