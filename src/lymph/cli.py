@@ -48,6 +48,10 @@ def handles_errors(fn: F) -> F:
         except OSError as e:  # a user path: permission, read-only, full disk, not a folder...
             typer.echo(f"error: {describe_os_error(e)}", err=True)
             raise typer.Exit(1) from None
+        except MemoryError:
+            typer.echo("error: out of memory (lower the batch size, the image size or the "
+                       "number of workers)", err=True)
+            raise typer.Exit(1) from None
         except Exception as e:  # the net: no traceback (LYMPH_DEBUG=1 shows it)
             import os
 
@@ -131,7 +135,7 @@ def synth(
 ) -> None:
     """Write a synthetic dataset in the challenge layout (for the demo and the tests)."""
     check_options(patients=(patients, "int", 1), test_patients=(test_patients, "int", 0),
-                  size=(size, "int", 8, 4096), seed=(seed, "int", 0))
+                  size=(size, "int", 8, 4096), seed=(seed, "int", 0, 2**31 - 1))
     check_outputs({"OUT_DIR": (out_dir, "synth")})
     from lymph.data.synth import SynthConfig, make_synthetic, parse_range
 
@@ -206,7 +210,7 @@ def embed(
 
     Runs under `torchrun --nproc_per_node N` too (DDP; rank 0 writes)."""
     check_options(dim=(dim, "int", 1), epochs=(epochs, "int", 1),
-                  batch_size=(batch_size, "int", 1), lr=(lr, "pos"), seed=(seed, "int", 0),
+                  batch_size=(batch_size, "int", 1), lr=(lr, "pos"), seed=(seed, "int", 0, 2**31 - 1),
                   size=(size, "int", 8, 1024), crop=(crop, "int", 1), folds=(folds, "int", 2))
     from lymph.checks import check_choice, registered_names
 
@@ -317,7 +321,7 @@ def fit_head(
     fusion: Annotated[str, typer.Option(help="concat (pooled images + clinical -> MLP) or late (pooled image score + clinical -> logistic regression; ignores the MLP options).")] = "concat",
 ) -> None:
     """Cross-validate a MIL head (pooling + clinical MLP) on a store; save the final model."""
-    check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0),
+    check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1),
                   epochs=(epochs, "int", 1), patience=(patience, "int", 1), lr=(lr, "pos"),
                   weight_decay=(weight_decay, "float", 0.0), dropout=(dropout, "frac"),
                   batch_size=(batch_size, "int", 1), attention_hidden=(attention_hidden, "int", 1),
@@ -438,7 +442,7 @@ def compare_baselines(
     folds_from_store: Annotated[bool, typer.Option("--folds-from-store", help="Use stage one's folds recorded in a weak store (one repeat; --folds/--repeats ignored), to measure stacking optimism.")] = False,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
-    check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0))
+    check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1))
     check_outputs({"--out": (out, "report"), "--json": (json_out, "json")}, [store, images])
     from lymph.compare import run_compare
     from lymph.console import progress_bar

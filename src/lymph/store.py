@@ -34,6 +34,9 @@ ENCODING_VERSION = "1"
 SUPPORTED_VERSIONS = ("1",)
 #: root attribute: SHA-256 of the whole content (see :func:`content_sha256`)
 CONTENT_DIGEST = "content-sha256"
+#: larger embeddings are refused before reading (the dev set's are 2.6 MB): a compressed
+#: dataset declaring terabytes must not exhaust memory
+MAX_EMBEDDING_BYTES = 8 * 2**30
 
 _STR = None  # h5py string dtype, created lazily (h5py import is cheap but keep module light)
 
@@ -413,6 +416,9 @@ def _read_v1(f: Any, path: Path, fingerprint: str) -> EmbeddingStore:
     e = _required(f, "embeddings", where)
     if e.dtype != np.float32 or e.ndim != 2:
         raise LymphError(f"{where}: /embeddings: expected float32 (n_images, dim), got {e.dtype} {e.shape}")
+    if int(np.prod(e.shape, dtype=np.float64)) * 4 > MAX_EMBEDDING_BYTES:
+        raise LymphError(f"{where}: /embeddings: shape {e.shape} is more than lymph loads "
+                         f"({MAX_EMBEDDING_BYTES / 2**30:.0f} GiB); a forged or foreign file")
     emb = e[()]
     digest = e.attrs.get("sha256")
     if digest is not None and hashlib.sha256(emb.tobytes()).hexdigest() != _attr_str(digest):

@@ -174,6 +174,12 @@ ERRORS: list[tuple[str, Callable[[Path], None], str]] = [
         _csv_path(root).read_text().replace("LYMPH_COUNT", "LYMPH_COUNT,LABEL", 1).replace(
             "\n", ",1\n").replace("LYMPH_COUNT,LABEL,1\n", "LYMPH_COUNT,LABEL\n", 1)),
      r"trainset_true\.csv, line 1, column 6: duplicated column name 'LABEL'"),
+    ("row-with-an-extra-field", lambda root: _csv_path(root).write_text(
+        "\n".join(ln + (",2" if k == 1 else "") for k, ln in
+                  enumerate(_csv_path(root).read_text().splitlines())) + "\n"),
+     r"trainset_true\.csv, line 2: 6 fields, the header names 5"),
+    ("binary-csv", lambda root: _csv_path(root).write_bytes(b"ID,LABEL\n\"P1\rx\x00\"\"z\n"),
+     r"trainset_true\.csv: (not a readable CSV|missing required column)"),
 ]
 # (fault, mutation, expected change in the number of cached images, file named in a warning)
 ACCEPTED: list[tuple[str, Callable[[Path], None], int, str | None]] = [

@@ -15,7 +15,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from reliability_helpers import HEAD, SIZE, cli, train_tiny
 
 
@@ -161,3 +160,27 @@ def test_check_epoch_names_epoch_and_loss(tmp_path: Path) -> None:
     with pytest.raises(Diverged, match=r"epoch 4: loss 0.1, non-finite weights in weight"):
         check_epoch(0.1, 4, net, ck, fresh=False)
     assert ck.exists()
+
+
+def test_diverged_head_is_an_error_and_saves_nothing(base: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    r = cli("fit-head", "--store", base["store"], "--lr", "1e30", "--out", tmp_path / "m",
+            "--json", tmp_path / "m.json", *HEAD)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "error: training diverged at epoch" in r.output and "loss nan" in r.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_store_declaring_huge_embeddings_is_refused_before_reading(tmp_path: Path) -> None:
+    from lymph.errors import LymphError
+    from lymph.store import open_store
+
+    p = tmp_path / "bomb.h5"
+    with h5py.File(p, "w") as f:  # a few KB on disk, 32 GiB declared
+        f.create_dataset("embeddings", shape=(2**31, 4), dtype="f4", chunks=(1024, 4),
+                         compression="gzip")
+        f.attrs["encoding-type"] = "lymph-embeddings"
+        f.attrs["encoding-version"] = "1"
+    assert p.stat().st_size < 1e6
+    with pytest.raises(LymphError, match="more than lymph loads"):
+        open_store(p)

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from reliability_helpers import SIZE, cli, make_tiny
 
 from lymph.data.images import ImageRefused, UnreadableImage, decode_image
-from reliability_helpers import SIZE, cli, make_tiny
 
 N = 32
 RAMP8 = np.tile(np.linspace(0, 255, N).round().astype(np.uint8), (N, 1))  # (N, N), columns

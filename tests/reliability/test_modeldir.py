@@ -19,7 +19,6 @@ from typing import Any
 
 import h5py
 import pytest
-
 from reliability_helpers import HEAD, cli, train_tiny
 
 
@@ -95,6 +94,7 @@ FAULTS: list[tuple[str, Callable[[Path, Path], None], str]] = [
     ("scaler-negative-std", edit(lambda m: m["clinical_scaler"].update(
         std=[-1.0] * len(m["clinical_scaler"]["std"]))), "std > 0"),
     ("truncated-json", raw(b'{"encoding-type": "lymph-mo'), "unreadable model description"),
+    ("deeply-nested-json", raw(b"[" * 200_000 + b"]" * 200_000), "unreadable model description"),
     ("not-utf8", raw('{"encoding-type": "lymph-modèle"}'.encode("latin-1")),
      "unreadable model description"),
 ]

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from reliability_helpers import ENV, cli
 
 D, S, M, C = "DATA", "S.h5", "MODEL", "C.zarr"
@@ -53,6 +52,7 @@ BAD: list[tuple[list[str], str]] = [
     (["fit-head", "--store", S, "--attention-hidden", "0"], "--attention-hidden"),
     (["fit-head", "--store", S, "--threads", "0"], "--threads"),
     (["fit-head", "--store", S, "--seed", "-3"], "--seed"),
+    (["fit-head", "--store", S, "--seed", str(2**40)], "--seed"),
     (["fit-head", "--store", S, "--threshold", "2.0"], "--threshold"),
     (["fit-head", "--store", S, "--threshold", "0"], "--threshold"),
     (["fit-head", "--store", S, "--threshold", "nan"], "--threshold"),
@@ -81,7 +81,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[int, str, bool]]:
     d = tmp_path_factory.mktemp("options")
-    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps([a for a, _ in BAD])],
+    r = subprocess.run([sys.executable, "-c", CHILD, json.dumps([a for a, _ in BAD])], check=False,
                        cwd=d, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
@@ -119,7 +119,7 @@ def test_pipeline_setting_out_of_range(tmp_path: Path, setting: str, value: str)
         r = cli(*how, "--artifacts", tmp_path / "a")
         assert r.exit_code == 1 and "Traceback" not in r.output, r.output
         assert re.search(rf"^error: .*{re.escape(setting)}: expected .*, got ", r.output,
-                         re.M), r.output
+                         re.MULTILINE), r.output
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").iterdir())
 
 

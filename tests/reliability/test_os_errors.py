@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from reliability_helpers import HEAD, SIZE, cli, train_tiny
 
 

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from reliability_helpers import HEAD, SIZE, cli, train_tiny
 
 Args = Callable[[dict[str, Path], Path], list[object]]
@@ -123,7 +122,7 @@ def test_output_over_an_input_is_refused(base: dict[str, Path], tmp_path: Path, 
     before = snapshot(base[named].parent)
     r = cli(*args(base, tmp_path))
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
-    assert re.search(r"^error: .*refused", r.output, re.M), r.output
+    assert re.search(r"^error: .*refused", r.output, re.MULTILINE), r.output
     assert snapshot(base[named].parent) == before
 
 
@@ -150,7 +149,7 @@ def test_two_outputs_sharing_a_path_are_refused(base: dict[str, Path], tmp_path:
                                                 ) -> None:
     r = cli(*args(base, tmp_path))
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
-    assert re.search(r"^error: .*(same path|inside the output folder)", r.output, re.M), r.output
+    assert re.search(r"^error: .*(same path|inside the output folder)", r.output, re.MULTILINE), r.output
     assert list(tmp_path.iterdir()) == []
 
 

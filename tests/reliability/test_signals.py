@@ -18,11 +18,21 @@ import time
 from pathlib import Path
 
 import pytest
+from reliability_helpers import (
+    HEAD,
+    SIZE,
+    TRAIN,
+    child_stderr,
+    cli,
+    make_tiny,
+    slowed_child,
+    tmp_leftovers,
+    train_tiny,
+    wait_for,
+)
 
 from lymph.data.cache import open_cache
 from lymph.store import open_store
-from reliability_helpers import (HEAD, SIZE, TRAIN, child_stderr, cli, make_tiny,
-                                 slowed_child, tmp_leftovers, train_tiny, wait_for)
 
 pytestmark = pytest.mark.slow  # child processes, most of them import torch: ~7 s each
 

@@ -222,17 +222,26 @@ def _read_csv_text(path: Path) -> str:
 
 
 def _check_header(csv_path: Path) -> None:
-    """Refuse a header naming a column twice (pandas would silently rename one)."""
+    """Refuse a header naming a column twice (pandas would silently rename one) and a row
+    with more fields than the header (pandas would shift it under the wrong names)."""
     import csv
 
-    first = next(csv.reader(io.StringIO(_read_csv_text(csv_path))), [])
-    names = [c.strip() for c in first]
-    seen: set[str] = set()
-    for k, c in enumerate(names, start=1):
-        if c and c in seen:
-            raise LymphError(f"{csv_path}, line 1, column {k}: duplicated column name {c!r} "
-                             "(expected each column once)")
-        seen.add(c)
+    try:
+        rows = csv.reader(io.StringIO(_read_csv_text(csv_path)))
+        first = next(rows, [])
+        names = [c.strip() for c in first]
+        seen: set[str] = set()
+        for k, c in enumerate(names, start=1):
+            if c and c in seen:
+                raise LymphError(f"{csv_path}, line 1, column {k}: duplicated column name "
+                                 f"{c!r} (expected each column once)")
+            seen.add(c)
+        for row in rows:
+            if len(row) > len(names) and any(v.strip() for v in row[len(names):]):
+                raise LymphError(f"{csv_path}, line {rows.line_num}: {len(row)} fields, the "
+                                 f"header names {len(names)} (a stray separator?)")
+    except csv.Error as e:
+        raise LymphError(f"{csv_path}: not a readable CSV ({e})") from None
 
 
 def read_split_csv(csv_path: Path, split: str) -> list[Patient]:

@@ -153,6 +153,9 @@ def save_model(model: Any, path: str | os.PathLike[str], *, store: Any,
     def mil_meta(tmp: Path) -> dict[str, Any]:
         import torch
 
+        from lymph.finite import check_state
+
+        check_state(model.model_.state_dict(), "the fitted head")  # never saved non-finite
         with open(tmp / "head.pt", "wb") as f:
             torch.save(model.model_.state_dict(), f)
         params = model.get_params()
@@ -181,7 +184,6 @@ def _write_model_dir(path: str | os.PathLike[str], model: Any, store: Any,
     estimator writes via ``estimator_meta(tmp)``, training counts, the store's fingerprint
     and provenance), the encoder copy and the ``extra`` files; atomic."""
     import lymph
-
     from lymph.outputs import check_output
 
     path = Path(path)
@@ -214,8 +216,9 @@ def _read_meta(path: Path) -> dict[str, Any]:
                          "make one with `lymph fit-head --out`)")
     try:
         meta = json.loads(mj.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise LymphError(f"{mj}: unreadable model description ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise LymphError(f"{mj}: unreadable model description ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
     if not isinstance(meta, dict):
         raise LymphError(f"{mj}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("encoding-type") != ENCODING_TYPE:

@@ -71,10 +71,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 #: allowed values of the numeric and named settings: (kind, bounds...) as lymph.checks
 RANGES: dict[str, tuple[Any, ...]] = {
     "data.synth_patients": ("int", 2), "data.synth_test_patients": ("int", 0),
-    "data.synth_size": ("int", 8, 4096), "data.synth_seed": ("int", 0),
+    "data.synth_size": ("int", 8, 4096), "data.synth_seed": ("int", 0, 2**31 - 1),
     "ingest.size": ("int", 8, 1024), "ingest.crop": ("int", 0),  # 0 = whole image
     "embed.dim": ("int", 0), "embed.epochs": ("int", 0), "embed.batch_size": ("int", 0),
-    "embed.lr": ("float", 0.0), "embed.seed": ("int", 0), "embed.folds": ("int", 2),
+    "embed.lr": ("float", 0.0), "embed.seed": ("int", 0, 2**31 - 1), "embed.folds": ("int", 2),
     "embed.device": ("choice", ("auto", "cpu", "cuda")),
     "head.attention_hidden": ("int", 1), "head.mlp": ("ints", 1),
     "head.dropout": ("frac",), "head.lr": ("pos",), "head.weight_decay": ("float", 0.0),
@@ -82,8 +82,8 @@ RANGES: dict[str, tuple[Any, ...]] = {
     "head.threshold": ("threshold",), "head.validation": ("choice", ("cv", "holdout")),
     "head.fusion": ("choice", ("concat", "late")),
     "head.pooling": ("registry", "lymph.head.pooling", "POOLINGS"),
-    "head.folds": ("int", 2), "head.repeats": ("int", 1), "head.seed": ("int", 0),
-    "compare.folds": ("int", 2), "compare.repeats": ("int", 1), "compare.seed": ("int", 0),
+    "head.folds": ("int", 2), "head.repeats": ("int", 1), "head.seed": ("int", 0, 2**31 - 1),
+    "compare.folds": ("int", 2), "compare.repeats": ("int", 1), "compare.seed": ("int", 0, 2**31 - 1),
 }
 
 
