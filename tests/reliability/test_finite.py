@@ -184,3 +184,26 @@ def test_store_declaring_huge_embeddings_is_refused_before_reading(tmp_path: Pat
     assert p.stat().st_size < 1e6
     with pytest.raises(LymphError, match="more than lymph loads"):
         open_store(p)
+
+
+def test_non_finite_encoder_refused_at_fit_time(base: dict[str, Path], tmp_path: Path) -> None:
+    """A model never gets an encoder copy holding NaN (its store would be refused anyway)."""
+    import torch
+
+    from lymph.atomic import sha256_file
+    from lymph.store import open_store, write_store
+
+    enc = tmp_path / "enc.pt"
+    ck = torch.load(base["encoder"], weights_only=True)
+    k = next(k for k, v in ck["model"].items() if v.is_floating_point())
+    ck["model"][k] = ck["model"][k].clone().contiguous()
+    ck["model"][k].view(-1)[0] = float("inf")
+    torch.save(ck, enc)
+    s = open_store(base["store"])
+    prov = dict(s.provenance, encoder_checkpoint=str(enc), encoder_sha256=sha256_file(enc))
+    store = write_store(tmp_path / "s.h5", embeddings=s.embeddings, patient_ptr=s.patient_ptr,
+                        ids=s.ids, labels=s.labels, clinical=s.clinical,
+                        clinical_columns=s.clinical_columns, provenance=prov)
+    r = cli("fit-head", "--store", store, "--out", tmp_path / "m", *HEAD)
+    assert r.exit_code == 1 and f"tensor model.{k} holds NaN or infinite" in r.output, r.output
+    assert not (tmp_path / "m").exists()

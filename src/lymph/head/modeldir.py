@@ -114,6 +114,15 @@ def check_encoder_available(store: Any) -> None:
         raise LymphError(
             f"{src}: the encoder checkpoint changed since {where} was made (its sha256 is not "
             "the store's 'encoder_sha256'); embed again with this encoder")
+    import torch
+
+    from lymph.finite import check_state
+
+    try:
+        ckpt = torch.load(src_p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch raises several types for foreign files)
+        raise LymphError(f"{src}: not a loadable encoder checkpoint ({type(e).__name__})") from None
+    check_state(ckpt, src)  # weights (and every part of a combination) finite
 
 
 def _copy_encoder(store: Any, dest: Path) -> dict[str, Any]:
@@ -202,6 +211,7 @@ def _write_model_dir(path: str | os.PathLike[str], model: Any, store: Any,
         for name, src in (extra or {}).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, tmp / name)
+        _finite_numbers(path / "model.json", "model.json", meta)  # never written non-finite
         (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=str) + "\n",
                                         encoding="utf-8")
     return path
