@@ -18,8 +18,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def tmp_prefix(target: Path) -> str:
+    """``.NAME.``: how lymph's temporaries beside ``target`` begin. A long name is
+    shortened (with a hash) so that a temporary's name fits where the target's does."""
+    name = target.name
+    if len(name.encode("utf-8")) > 200:
+        name = name[:80] + "-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
+    return f".{name}."
+
+
 def _tmp_sibling(target: Path, kind: str = "tmp") -> Path:
-    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return target.with_name(f"{tmp_prefix(target)}{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -67,7 +76,7 @@ def temp_dir(parent: str | os.PathLike[str], what: str) -> Iterator[Path]:
     runs are removed by the next call."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(parent, f".lymph-{what}.")
+    clean_stale(parent, tmp_prefix(parent / f"lymph-{what}"))
     d = _tmp_sibling(parent / f"lymph-{what}")
     d.mkdir()
     try:
@@ -89,7 +98,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(target.parent, f".{target.name}.")  # leftovers of killed runs
+    clean_stale(target.parent, tmp_prefix(target))  # leftovers of killed runs
     tmp = _tmp_sibling(target)
     try:
         yield tmp

@@ -163,7 +163,23 @@ def _model(p: Path) -> str | None:
         meta = None
     if not isinstance(meta, dict) or meta.get("encoding-type") != "lymph-model":
         return "it is a folder that is not a lymph model directory"
-    return _only(p, {"model.json", "head.pt", "encoder", "cv"})
+    return _only(p, {"model.json", "head.pt", "encoder", "cv", *_named_files(meta)})
+
+
+def _named_files(obj: Any) -> set[str]:
+    """First components of the relative file names a ``model.json`` records under a
+    ``file`` key (a later lymph may add files; they are lymph's too)."""
+    out: set[str] = set()
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "file" and isinstance(v, str) and v and not os.path.isabs(v):
+                out.add(Path(v).parts[0])
+            else:
+                out |= _named_files(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            out |= _named_files(v)
+    return out
 
 
 def _report(p: Path) -> str | None:

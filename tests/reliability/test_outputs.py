@@ -187,3 +187,28 @@ def test_output_under_a_file_is_refused(base: dict[str, Path], tmp_path: Path) -
             f / "p.csv")
     assert_refused(r, f)
     assert "is a file, not a folder" in r.output
+
+
+@pytest.mark.parametrize("command, kind", [("fit-head", "model"), ("ingest", "cache"),
+                                           ("synth", "synth")])
+def test_own_artifact_holding_a_user_file_is_refused(base: dict[str, Path], tmp_path: Path,
+                                                     command: str, kind: str) -> None:
+    """A lymph folder artifact someone put a file into is not replaced (its swap would
+    delete that file)."""
+    out = tmp_path / "art"
+    assert cli(*COMMANDS[command](base, out)).exit_code == 0
+    (out / "config").write_text("my notes\n")  # even a name model.json uses as a key
+    before = snapshot(tmp_path)
+    r = cli(*COMMANDS[command](base, out))
+    assert_refused(r, out)
+    assert "holds files lymph did not write (config)" in r.output
+    assert snapshot(tmp_path) == before
+
+
+def test_a_long_legal_name_is_written(base: dict[str, Path], tmp_path: Path) -> None:
+    """A 240-byte name fits; its temporary (a shortened name) must fit too."""
+    out = tmp_path / ("p" * 236 + ".csv")
+    for _ in range(2):
+        r = cli("predict", "--model", base["model"], "--store", base["store"], "--out", out)
+        assert r.exit_code == 0, r.output
+    assert out.is_file() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
