@@ -91,6 +91,8 @@ FAULTS: list[tuple[str, Callable[[Path, Path], None], str]] = [
     ("threshold-nan", raw(b'{"encoding-type": "lymph-model", "encoding-version": "1", '
                           b'"estimator": "MILClassifier", "threshold": NaN}'), "threshold"),
     ("dropout-out-of-range", edit(lambda m: m["params"].update(dropout=1.5)), "params.dropout"),
+    ("negative-config-dim", edit(lambda m: m["config"].update(dim=-5)),
+     r"'config.dim': expected an integer >= 0, got -5"),
     ("scaler-negative-std", edit(lambda m: m["clinical_scaler"].update(
         std=[-1.0] * len(m["clinical_scaler"]["std"]))), "std > 0"),
     ("truncated-json", raw(b'{"encoding-type": "lymph-mo'), "unreadable model description"),

@@ -303,7 +303,7 @@ def load_model(path: str | os.PathLike[str]) -> SavedModel:
         return _load(path, mj, meta)
     except LymphError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
         raise LymphError(f"{mj}: malformed model description ({type(e).__name__}: "
                          f"{str(e)[:200]})") from None
 
@@ -346,6 +346,7 @@ def _load(path: Path, mj: Path, meta: dict[str, Any]) -> SavedModel:
     except TypeError as e:
         raise LymphError(f"{mj}: 'params': {e}") from None
     _check_head_params(mj, est)
+    _check_config(mj, config)
     try:
         state = torch.load(wfile, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types (UnpicklingError for foreign objects)
@@ -378,6 +379,22 @@ def _load(path: Path, mj: Path, meta: dict[str, Any]) -> SavedModel:
     net.eval()
     est.model_ = net
     return SavedModel(path=path, estimator=est, meta=meta)
+
+
+def _check_config(mj: Path, config: dict[str, Any]) -> None:
+    """The head's architecture, range-checked before a tensor is made from it."""
+    from lymph.checks import check_choice, check_float, check_int, module_constant
+
+    for key, lo in (("dim", 0), ("n_clinical", 0), ("attention_hidden", 1)):
+        if key in config:
+            check_int(f"{mj}: 'config.{key}'", config[key], lo)
+    for h in config.get("mlp") or ():
+        check_int(f"{mj}: 'config.mlp'", h, 1)
+    if "dropout" in config:
+        check_float(f"{mj}: 'config.dropout'", config["dropout"], 0.0, 1.0, hi_open=True)
+    names = module_constant("lymph.head.pooling", "POOLINGS")
+    if "pooling" in config and config["pooling"] is not None and isinstance(names, tuple):
+        check_choice(f"{mj}: 'config.pooling'", config["pooling"], names)
 
 
 def _check_head_params(mj: Path, est: Any) -> None:
