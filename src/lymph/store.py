@@ -264,8 +264,8 @@ def _check_arrays(
         raise bad("/patients/id", "unique patient ids", "duplicates")
     for pid in ids.tolist():  # ids name report files (misclassified/<id>.png): never a path
         if not _ID_RE.match(str(pid)) or ".." in str(pid):
-            raise bad("/patients/id", "plain patient names (letters, digits, '_', '-', '.'; "
-                      "no path separators or '..')", repr(str(pid))[:80])
+            raise bad("/patients/id", "plain patient names (no path separators, '..' or "
+                      "control characters)", repr(str(pid))[:80])
     _check_finite(where, "/embeddings", emb, ptr, ids)
     _check_finite(where, "/patients/clinical", clin, None, ids)
     if clin.ndim != 2 or clin.shape[0] != n_pat:
@@ -283,7 +283,9 @@ def _check_arrays(
         raise bad("/patients/scorer", f"shape ({n_pat},)", np.asarray(patient_scorer).shape)
 
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")  # as lymph.data.challenge
+#: a patient id that is safe as a file name: no separators, no control characters (the
+#: challenge CSVs are stricter, lymph.data.challenge; imported stores may use other names)
+_ID_RE = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,200}$")
 
 
 def _check_finite(where: str, name: str, x: np.ndarray, ptr: np.ndarray | None,
