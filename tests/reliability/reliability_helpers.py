@@ -170,7 +170,7 @@ def slowed_child(work: Path, args: list[Any], module: str, attr: str,
     spec = {"args": [str(a) for a in args], "module": module, "attr": attr,
             "sleep": sleep, "pids": str(pids)}
 
-    err = tempfile.TemporaryFile(mode="w+")
+    err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by the caller)
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, cwd=work)
     proc.err_file = err  # type: ignore[attr-defined]

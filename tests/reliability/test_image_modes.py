@@ -153,7 +153,7 @@ def test_decompression_bomb_is_an_error(tmp_path: Path) -> None:
         with pytest.raises(ImageRefused, match="decompression bomb"):
             decode_image(bomb_png(tmp_path / "b.png", side), N)
     data = make_tiny(tmp_path / "data", patients=4, test_patients=0)
-    victim = sorted((data / "trainset").glob("P*/*.jpg"))[0]
+    victim = min((data / "trainset").glob("P*/*.jpg"))
     victim.unlink()
     bomb_png(victim.with_suffix(".png"))
     for workers in ("1", "2"):

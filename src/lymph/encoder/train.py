@@ -32,9 +32,9 @@ import lymph
 from lymph.data.cache import ImageCache
 from lymph.encoder import distributed as D
 from lymph.encoder.checkpoint import load_checkpoint, save_checkpoint
-from lymph.finite import check_epoch
 from lymph.encoder.methods import Preprocess, get_method
 from lymph.errors import LymphError
+from lymph.finite import check_epoch
 
 log = logging.getLogger("lymph")
 

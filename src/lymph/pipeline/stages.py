@@ -74,7 +74,7 @@ class Stage:
             return
         warned = False
         while True:
-            f = open(path, "a+")
+            f = open(path, "a+")  # noqa: SIM115 (held across the yield; closed below)
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
