@@ -18,8 +18,71 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
-def _tmp_sibling(target: Path) -> Path:
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+def tmp_prefix(target: Path) -> str:
+    """``.NAME.``: how lymph's temporaries beside ``target`` begin. A long name is
+    shortened (with a hash) so that a temporary's name fits where the target's does."""
+    name = target.name
+    if len(name.encode("utf-8")) > 200:
+        name = name[:80] + "-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
+    return f".{name}."
+
+
+def _tmp_sibling(target: Path, kind: str = "tmp") -> Path:
+    return target.with_name(f"{tmp_prefix(target)}{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def clean_stale(folder: str | os.PathLike[str], prefix: str) -> list[Path]:
+    """Remove leftovers of killed lymph processes in ``folder``: entries named
+    ``{prefix}{kind}-{pid}-{8 hex}`` (``kind`` tmp or old) whose process is gone.
+    Only names lymph makes match; a live process's temporaries are left alone."""
+    import re
+
+    pat = re.compile(re.escape(prefix) + r"(?:tmp|old)-(\d+)-[0-9a-f]{8}$")
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = pat.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            _remove(p)
+            removed.append(p)
+    return removed
+
+
+@contextlib.contextmanager
+def temp_dir(parent: str | os.PathLike[str], what: str) -> Iterator[Path]:
+    """A temporary folder ``parent/.lymph-{what}.tmp-{pid}-{hex}``, removed on every exit
+    Python sees (error, SIGINT, SIGTERM via :mod:`lymph.signals`); leftovers of killed
+    runs are removed by the next call."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(parent, tmp_prefix(parent / f"lymph-{what}"))
+    d = _tmp_sibling(parent / f"lymph-{what}")
+    d.mkdir()
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -35,6 +98,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(target.parent, tmp_prefix(target))  # leftovers of killed runs
     tmp = _tmp_sibling(target)
     try:
         yield tmp
@@ -44,7 +108,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
                 return
             old = None
             if target.exists():
-                old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+                old = _tmp_sibling(target, "old")
                 os.rename(target, old)
             os.rename(tmp, target)
             if old is not None:

@@ -34,14 +34,88 @@ def handles_errors(fn: F) -> F:
         from lymph.console import setup_logging
 
         setup_logging()
+        from lymph.signals import trap_signals
+
         try:
-            return fn(*args, **kwargs)
+            with trap_signals():
+                return fn(*args, **kwargs)
         except LymphError as e:
             if not getattr(e, "quiet", False):  # quiet: another torchrun rank says why
                 typer.echo(f"error: {e}", err=True)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (lymph.signals.Terminated)
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(getattr(e, "exit_code", 130)) from None
+        except OSError as e:  # a user path: permission, read-only, full disk, not a folder...
+            typer.echo(f"error: {describe_os_error(e)}", err=True)
+            raise typer.Exit(1) from None
+        except MemoryError:
+            typer.echo("error: out of memory (lower the batch size, the image size or the "
+                       "number of workers)", err=True)
+            raise typer.Exit(1) from None
+        except Exception as e:  # the net: no traceback (LYMPH_DEBUG=1 shows it)
+            import os
+
+            if os.environ.get("LYMPH_DEBUG") or isinstance(e, (typer.Exit, typer.Abort)) or \
+                    type(e).__module__.split(".")[0] in ("click", "typer", "_typer"):
+                raise
+            typer.echo(f"error: {type(e).__name__}: {e} (unexpected; LYMPH_DEBUG=1 shows "
+                       "the traceback)", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def describe_os_error(e: OSError) -> str:
+    """``PATH: cause`` for an OSError (``PATH -> PATH2: cause`` for a rename)."""
+    import errno as _errno
+    import os
+
+    cause = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
+    if e.errno == _errno.ENOSPC:
+        cause += " (free some space and run again; nothing was left half-written)"
+    where = ""
+    if e.filename is not None:
+        where = f"{os.fsdecode(e.filename)}"
+        if getattr(e, "filename2", None) is not None:
+            where += f" -> {os.fsdecode(e.filename2)}"
+        return f"{where}: {cause}"
+    return cause
+
+
+def check_outputs(outputs: dict[str, tuple[Any, str]], inputs: list[Any] | None = None) -> None:
+    """Refuse outputs that would replace something lymph did not write (lymph.outputs)."""
+    from lymph.outputs import check_outputs as check
+
+    check(outputs, inputs=inputs or [])
+
+
+def check_options(**checks: tuple[Any, ...]) -> None:
+    """Range-check options before any work: ``flag=(value, kind, *bounds)``, kind one of
+    ``int``, ``float``, ``pos`` (a number > 0), ``frac`` (in [0, 1)). None is skipped."""
+    from lymph.checks import check_float, check_int
+
+    for flag, (value, kind, *b) in checks.items():
+        if value is None:
+            continue
+        name = "--" + flag.replace("_", "-")
+        if kind == "int":
+            check_int(name, value, *b)
+        elif kind == "pos":
+            check_float(name, value, 0.0, lo_open=True)
+        elif kind == "frac":
+            check_float(name, value, 0.0, 1.0, hi_open=True)
+        else:
+            check_float(name, value, *b)
+
+
+def check_registry_name(flag: str, value: str, module: str, constant: str) -> None:
+    """``value`` must be in a registry's literal tuple (read without importing torch)."""
+    from lymph.checks import check_choice, module_constant
+
+    names = module_constant(module, constant)
+    if isinstance(names, (tuple, list)) and names:
+        check_choice(flag, value, tuple(str(n) for n in names))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -61,6 +135,9 @@ def synth(
     seed: Annotated[int, typer.Option(help="Random seed; fixes every pixel and value.")] = 0,
 ) -> None:
     """Write a synthetic dataset in the challenge layout (for the demo and the tests)."""
+    check_options(patients=(patients, "int", 1), test_patients=(test_patients, "int", 0),
+                  size=(size, "int", 8, 4096), seed=(seed, "int", 0, 2**31 - 1))
+    check_outputs({"OUT_DIR": (out_dir, "synth")})
     from lymph.data.synth import SynthConfig, make_synthetic, parse_range
 
     lo, hi = parse_range(images, "--images")
@@ -82,6 +159,8 @@ def ingest(
     workers: Annotated[Optional[int], typer.Option(help="Decoding processes (default: all cores).")] = None,
 ) -> None:
     """Decode every image once into a Zarr image cache (stage one's input)."""
+    check_options(size=(size, "int", 8, 1024), crop=(crop, "int", 1), workers=(workers, "int", 1))
+    check_outputs({"--out": (out, "cache")}, [data_dir])
     import time
 
     from lymph.console import progress_bar
@@ -131,6 +210,25 @@ def embed(
     """Train the stage-one encoder (unless --encoder) and embed every image into the store.
 
     Runs under `torchrun --nproc_per_node N` too (DDP; rank 0 writes)."""
+    check_options(dim=(dim, "int", 1), epochs=(epochs, "int", 1),
+                  batch_size=(batch_size, "int", 1), lr=(lr, "pos"), seed=(seed, "int", 0, 2**31 - 1),
+                  size=(size, "int", 8, 1024), crop=(crop, "int", 1), folds=(folds, "int", 2))
+    from lymph.checks import check_choice, registered_names
+
+    check_choice("--device", device, ("auto", "cpu", "cuda"))
+    known = registered_names("lymph.encoder.methods", "_BUILTIN_MODULES")
+    if known and encoder is None:  # 'A+B' combines registered methods and morphometry
+        for part in method.split("+"):
+            check_choice("--method", part.strip(), (*known, "morphometry"))
+    if out.suffix.lower() in (".h5", ".hdf5"):
+        stem = out.with_name(out.stem)
+        outs: dict[str, tuple[Any, str]] = {"--out": (out, "store")}
+        if encoder is None:
+            outs["encoder checkpoint"] = (Path(f"{stem}.encoder.pt"), "checkpoint")
+            outs["loss curve"] = (Path(f"{stem}.encoder.loss.png"), "png")
+        if data is not None:
+            outs["--cache"] = (cache or Path(f"{stem}.images-{size or 112}px.zarr"), "cache")
+        check_outputs(outs, [data, images, encoder])
     from lymph.encoder.embed import run_embed
 
     s = run_embed(out=out, data=data, images=images, method=method, dim=dim, epochs=epochs,
@@ -167,6 +265,7 @@ def store_concat(
     out: Annotated[Path, typer.Option("--out", help="Combined store to write (.h5).")],
 ) -> None:
     """Put the feature blocks of several stores side by side in one store."""
+    check_outputs({"--out": (out, "store")}, list(stores))
     from lymph.store import open_store
     from lymph.store_ops import concat_stores
 
@@ -223,6 +322,21 @@ def fit_head(
     fusion: Annotated[str, typer.Option(help="concat (pooled images + clinical -> MLP) or late (pooled image score + clinical -> logistic regression; ignores the MLP options).")] = "concat",
 ) -> None:
     """Cross-validate a MIL head (pooling + clinical MLP) on a store; save the final model."""
+    check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1),
+                  epochs=(epochs, "int", 1), patience=(patience, "int", 1), lr=(lr, "pos"),
+                  weight_decay=(weight_decay, "float", 0.0), dropout=(dropout, "frac"),
+                  batch_size=(batch_size, "int", 1), attention_hidden=(attention_hidden, "int", 1),
+                  threads=(threads, "int", 1))
+    from lymph.checks import check_choice, check_threshold
+
+    check_threshold("--threshold", threshold)
+    check_choice("--fusion", fusion, ("concat", "late"))
+    check_registry_name("--pooling", pooling, "lymph.head.pooling", "POOLINGS")
+    base = json_out.with_name(json_out.stem) if json_out is not None else None
+    check_outputs({"--out": (out, "model"), "--json": (json_out, "json"),
+                   "--oof": (oof or (Path(f"{base}.oof.csv") if base else None), "oof"),
+                   "--plot": (plot or (Path(f"{base}.pr.png") if base else None), "png")},
+                  [store])
     from rich.console import Console
     from rich.table import Table
 
@@ -262,6 +376,18 @@ def predict(
     device: Annotated[str, typer.Option(help="Device for embedding --data: auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Predict patients with a saved model; per-image attention goes to PRED.attention.csv."""
+    from lymph.checks import check_choice
+
+    check_choice("--select", select, ("all", "labelled", "unlabelled"))
+    check_choice("--device", device, ("auto", "cpu", "cuda"))
+    if (store is None) == (data is None):
+        raise LymphError("predict: expected exactly one of --store and --data")
+    stem = out.with_name(out.stem)
+    check_outputs({"--out": (out, "predictions"),
+                   "attention CSV": (Path(f"{stem}.attention.csv"), "attention"),
+                   "embedded store": (Path(f"{stem}.store.h5") if data is not None else None,
+                                      "store"),
+                   "--submission": (submission, "submission")}, [model, store, data])
     from lymph.head.predict import predict as run_predict
 
     res = run_predict(model, out, store=store, data=data, submission=submission, select=select,
@@ -317,6 +443,8 @@ def compare_baselines(
     folds_from_store: Annotated[bool, typer.Option("--folds-from-store", help="Use stage one's folds recorded in a weak store (one repeat; --folds/--repeats ignored), to measure stacking optimism.")] = False,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
+    check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1))
+    check_outputs({"--out": (out, "report"), "--json": (json_out, "json")}, [store, images])
     from lymph.compare import run_compare
     from lymph.console import progress_bar
 
@@ -345,6 +473,14 @@ def explain(
     images: Annotated[Optional[Path], typer.Option("--images", help="Image cache for the pixels (default: the image files named in the store).")] = None,
 ) -> None:
     """Montage of a patient's cells ordered by attention weight, with the prediction."""
+    check_options(k=(k, "int", 1))
+    from lymph.data.challenge import check_patient_id
+
+    check_patient_id(patient, "PATIENT")
+    if (store is None) == (data is None):
+        raise LymphError("explain: expected exactly one of --store and --data")
+    check_outputs({"--out": (out or Path(f"{patient}.explain.png"), "png")},
+                  [model, store, data, images])
     from lymph.report.explain import explain as run_explain
 
     e = run_explain(patient, model, store=store, data=data, out=out, k=k, cache=images)
@@ -385,6 +521,7 @@ def run(
     artifacts: Annotated[Path, typer.Option(help="Where stage outputs are cached.")] = Path("artifacts"),
 ) -> None:
     """Run ingest, embed, fit-head, compare-baselines and the report; reuse cached stages."""
+    check_outputs({"--artifacts": (artifacts, "artifacts")})
     from lymph.pipeline.run import run_pipeline
 
     res = run_pipeline(pipeline, sets=set_ or [], data=data, artifacts=artifacts,
@@ -420,6 +557,7 @@ def demo(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value.")] = None,
 ) -> None:
     """Make a small synthetic dataset and run the demo pipeline on it (a few minutes on a CPU)."""
+    check_outputs({"--artifacts": (artifacts, "artifacts")})
     from lymph.pipeline.config import DEMO
     from lymph.pipeline.run import run_pipeline
 
@@ -438,6 +576,7 @@ def bench(
     quick: Annotated[bool, typer.Option(help="Fewer repeats and steps (a rough figure in about a minute).")] = False,
 ) -> None:
     """Measure this machine's ceilings and the tool's rates, each with its ratio."""
+    check_outputs({"--json": (json_out, "json")}, [data])
     from rich.console import Console
     from rich.table import Table
 

@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ ENCODING_VERSION = "1"
 SUPPORTED_VERSIONS = ("1",)
 #: root attribute: SHA-256 of the whole content (see :func:`content_sha256`)
 CONTENT_DIGEST = "content-sha256"
+#: larger embeddings are refused before reading (the dev set's are 2.6 MB): a compressed
+#: dataset declaring terabytes must not exhaust memory
+MAX_EMBEDDING_BYTES = 8 * 2**30
 
 _STR = None  # h5py string dtype, created lazily (h5py import is cheap but keep module light)
 
@@ -183,6 +187,9 @@ def write_store(
         str(path), emb, ptr, ids_arr, lab, clin, cols, feature_columns,
         image_paths, patient_scorer,
     )
+    from lymph.outputs import check_output
+
+    check_output(path, "store", name="store")  # replaces only a lymph store
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w", libver=("earliest", "v110"), track_order=False) as f:
             chunk_rows = max(1, min(emb.shape[0], max(1, (1 << 18) // max(1, emb.shape[1] * 4))))
@@ -255,6 +262,12 @@ def _check_arrays(
         raise bad("/patients/label", "values in {1, 0, -1}", sorted(set(lab.tolist())))
     if len(set(ids.tolist())) != n_pat:
         raise bad("/patients/id", "unique patient ids", "duplicates")
+    for pid in ids.tolist():  # ids name report files (misclassified/<id>.png): never a path
+        if not _ID_RE.match(str(pid)) or ".." in str(pid):
+            raise bad("/patients/id", "plain patient names (no path separators, '..' or "
+                      "control characters)", repr(str(pid))[:80])
+    _check_finite(where, "/embeddings", emb, ptr, ids)
+    _check_finite(where, "/patients/clinical", clin, None, ids)
     if clin.ndim != 2 or clin.shape[0] != n_pat:
         raise bad("/patients/clinical", f"shape ({n_pat}, n_features)", f"shape {clin.shape}")
     if len(cols) != clin.shape[1]:
@@ -268,6 +281,28 @@ def _check_arrays(
         raise bad("/images/path", f"{emb.shape[0]} paths", len(image_paths))
     if patient_scorer is not None and np.asarray(patient_scorer).shape != (n_pat,):
         raise bad("/patients/scorer", f"shape ({n_pat},)", np.asarray(patient_scorer).shape)
+
+
+#: a patient id that is safe as a file name: no separators, no control characters (the
+#: challenge CSVs are stricter, lymph.data.challenge; imported stores may use other names)
+_ID_RE = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,200}$")
+
+
+def _check_finite(where: str, name: str, x: np.ndarray, ptr: np.ndarray | None,
+                  ids: np.ndarray) -> None:
+    """NaN or infinity never enters or leaves a store: name the first patient holding one."""
+    if x.size == 0 or np.isfinite(x).all():
+        return
+    rows = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    n_bad = int((~np.isfinite(x)).sum())
+    if ptr is not None:  # instance rows -> patients
+        pats = np.unique(np.searchsorted(ptr, rows, side="right") - 1)
+    else:
+        pats = rows
+    names = ", ".join(str(ids[i]) for i in pats[:5] if 0 <= i < len(ids))
+    raise LymphError(f"{where}: {name}: expected finite numbers, got {n_bad} NaN or infinite "
+                     f"value(s) (patient(s) {names}{' ...' if pats.size > 5 else ''}); "
+                     "a diverged encoder or broken input: refused")
 
 
 def content_sha256(
@@ -383,6 +418,9 @@ def _read_v1(f: Any, path: Path, fingerprint: str) -> EmbeddingStore:
     e = _required(f, "embeddings", where)
     if e.dtype != np.float32 or e.ndim != 2:
         raise LymphError(f"{where}: /embeddings: expected float32 (n_images, dim), got {e.dtype} {e.shape}")
+    if int(np.prod(e.shape, dtype=np.float64)) * 4 > MAX_EMBEDDING_BYTES:
+        raise LymphError(f"{where}: /embeddings: shape {e.shape} is more than lymph loads "
+                         f"({MAX_EMBEDDING_BYTES / 2**30:.0f} GiB); a forged or foreign file")
     emb = e[()]
     digest = e.attrs.get("sha256")
     if digest is not None and hashlib.sha256(emb.tobytes()).hexdigest() != _attr_str(digest):

@@ -133,3 +133,45 @@ def tmp_leftovers(folder: Path, name: str) -> list[Path]:
     """Temporary siblings an interrupted atomic write of ``folder/name`` left behind."""
     return [p for p in folder.iterdir()
             if p.name.startswith(f".{name}.tmp-") or p.name.startswith(f".{name}.old-")]
+
+
+SLOW_CHILD = r"""
+import importlib, json, os, sys, time
+spec = json.loads(sys.argv[1])
+import lymph.data.cache as cache
+cache.CHUNK = 8  # several chunks: the fork pool runs
+mod = importlib.import_module(spec["module"])
+owner, name = mod, spec["attr"]
+if "." in name:
+    cls, name = name.split(".")
+    owner = getattr(mod, cls)
+real = getattr(owner, name)
+def slow(*a, **k):
+    with open(spec["pids"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    print("BUSY", flush=True)
+    time.sleep(spec["sleep"])
+    return real(*a, **k)
+setattr(owner, name, slow)
+from lymph.cli import app
+sys.argv = ["lymph", *spec["args"]]
+app()
+"""
+
+
+def slowed_child(work: Path, args: list[Any], module: str, attr: str,
+                 sleep: float) -> tuple[subprocess.Popen[str], Path]:
+    """``lymph ARGS`` in a child (cwd ``work``) with ``module.attr`` slowed by ``sleep``
+    seconds per call; each call appends its pid to ``work/pids.txt`` and prints ``BUSY``."""
+    import json
+    import tempfile
+
+    pids = work / "pids.txt"
+    spec = {"args": [str(a) for a in args], "module": module, "attr": attr,
+            "sleep": sleep, "pids": str(pids)}
+
+    err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by the caller)
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, json.dumps(spec)],
+                            stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, cwd=work)
+    proc.err_file = err  # type: ignore[attr-defined]
+    return proc, pids

@@ -158,6 +158,28 @@ ERRORS: list[tuple[str, Callable[[Path], None], str]] = [
     ("label-2", _set_field("LABEL", "2"), rf"{ROW}, field LABEL: '2' is not one of"),
     ("id-with-dotdot", _set_field("ID", "../P9"),
      r"line 2, field ID: '\.\./P9' is not a plain patient name"),
+    # what a lab system would not mean (issue 15)
+    ("underscored-lymph-count", _set_field("LYMPH_COUNT", "1_389"),
+     rf"{ROW}, field LYMPH_COUNT: '1_389' is not a number"),
+    ("infinite-lymph-count", _set_field("LYMPH_COUNT", "inf"),
+     rf"{ROW}, field LYMPH_COUNT: 'inf' is not a number"),
+    ("nan-lymph-count", _set_field("LYMPH_COUNT", "NaN"),
+     rf"{ROW}, field LYMPH_COUNT: 'NaN' is not a number"),
+    ("underscored-dob", _set_field("DOB", "1/1/1_950"),
+     rf"{ROW}, field DOB: '1/1/1_950' is not a date"),
+    ("age-over-120", _set_field("DOB", "1/1/1890"),
+     rf"{ROW}, field DOB: '1/1/1890' gives an age of 132 years .* expected 0 to 120"),
+    ("underscored-label", _set_field("LABEL", "0_1"), rf"{ROW}, field LABEL: '0_1' is not one of"),
+    ("duplicated-column", lambda root: _csv_path(root).write_text(
+        _csv_path(root).read_text().replace("LYMPH_COUNT", "LYMPH_COUNT,LABEL", 1).replace(
+            "\n", ",1\n").replace("LYMPH_COUNT,LABEL,1\n", "LYMPH_COUNT,LABEL\n", 1)),
+     r"trainset_true\.csv, line 1, column 6: duplicated column name 'LABEL'"),
+    ("row-with-an-extra-field", lambda root: _csv_path(root).write_text(
+        "\n".join(ln + (",2" if k == 1 else "") for k, ln in
+                  enumerate(_csv_path(root).read_text().splitlines())) + "\n"),
+     r"trainset_true\.csv, line 2: 6 fields, the header names 5"),
+    ("binary-csv", lambda root: _csv_path(root).write_bytes(b"ID,LABEL\n\"P1\rx\x00\"\"z\n"),
+     r"trainset_true\.csv: (not a readable CSV|missing required column)"),
 ]
 # (fault, mutation, expected change in the number of cached images, file named in a warning)
 ACCEPTED: list[tuple[str, Callable[[Path], None], int, str | None]] = [

@@ -91,3 +91,41 @@ def test_reader_sees_old_or_new_store_while_writer_replaces(tmp_path: Path) -> N
     finally:
         kill9(proc)
     assert sum(seen.values()) > 20
+
+
+@pytest.mark.slow
+def test_two_runs_differing_in_a_setting_share_a_stage_safely(tmp_path: Path) -> None:
+    """Two `lymph run` on one artifacts folder, differing in a head setting; the second
+    starts while the first is writing the embed stage (the stage both need). The second
+    waits on the stage's lock (it says so), then reuses the first's complete stage: one
+    embed folder, a valid store, both runs succeed with their own head stage."""
+    from reliability_helpers import SIZE, child_stderr, make_tiny, slowed_child
+
+    data = make_tiny(tmp_path / "data")
+    pipe = tmp_path / "p.toml"
+    pipe.write_text(f"[ingest]\nsize = {SIZE}\n"
+                    '[embed]\nepochs = 2\ndim = 4\nbatch_size = 8\ndevice = "cpu"\n'
+                    "[head]\nmax_epochs = 3\npatience = 2\nfolds = 2\nbatch_size = 8\n"
+                    "[compare]\nenabled = false\n")
+    art = tmp_path / "artifacts"
+    runs = []
+    for k, seed in enumerate((0, 1)):
+        work = tmp_path / f"w{k}"
+        work.mkdir()
+        args = ["run", pipe, "--data", data, "--artifacts", art, "--set", f"head.seed={seed}"]
+        proc, _ = slowed_child(work, args, "lymph.encoder.train", "train_step", 1.5)
+        runs.append(proc)
+        if k == 0:
+            wait_for(proc, "BUSY", timeout=120)  # the first is inside the embed stage
+    for proc in runs:
+        assert proc.wait(timeout=300) == 0, child_stderr(proc)[-3000:]
+    first, second = (child_stderr(p) for p in runs)
+    assert "another lymph run is writing this stage; waiting" in second, second
+    assert "[embed] cached" in second and "[embed] ran" in first, second
+    embeds = [d for d in (art / "embed").iterdir() if d.is_dir()]
+    assert len(embeds) == 1
+    s = open_store(embeds[0] / "store.h5")
+    assert np.isfinite(s.embeddings).all()
+    heads = [d for d in (art / "head").iterdir() if d.is_dir()]
+    assert len(heads) == 2 and all((d / "stage.json").is_file() for d in heads)
+    assert not [p for p in art.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]

@@ -210,8 +210,13 @@ def ingest(
     patient left with no readable image is an error. ``progress(done, total)`` is called
     as chunks complete.
     """
-    if size < 8 or size > 1024:
-        raise LymphError(f"--size: expected an image side between 8 and 1024 pixels, got {size}")
+    from lymph.checks import check_int
+
+    check_int("size", size, 8, 1024)
+    if crop is not None:
+        check_int("crop", crop, 1)
+    if workers is not None:
+        check_int("workers", workers, 1)
     out = Path(out)
     data = read_challenge(data_dir)
     settings = {"size": size, "crop": crop, "format": ENCODING_VERSION}
@@ -222,6 +227,9 @@ def ingest(
                 return IngestResult(out, True, existing.n_images, existing.n_patients, [])
         except LymphError:
             pass
+    from lymph.outputs import check_output
+
+    check_output(out, "cache", name="image cache", inputs=[data_dir])  # never a user's folder
     paths = [str(p) for p in data.image_paths()]
     n = len(paths)
     workers = workers or os.cpu_count() or 1

@@ -36,6 +36,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 CLINICAL_COLUMNS = ("age", "log_lymph_count", "gender_male")
 _ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 _SPLIT_CSV_PREFERENCE = ("trainset_true.csv", "testset_data.csv")
+#: a plain decimal number as a lab system writes it: no '_' separators, no inf/nan, no hex
+_NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+MAX_LYMPH_COUNT = 1000.0  # x 10^9/L; the dev set's highest is 295
+MAX_AGE = 120.0  # years at REFERENCE_DATE; an older patient is a typing error
 
 
 @dataclass
@@ -116,6 +120,8 @@ def parse_dob(value: str, where: str) -> dt.date:
     """Parse a DOB by its separator: ``M/D/YYYY``, ``DD-MM-YYYY`` or ``YYYY-MM-DD``."""
     s = str(value).strip()
     try:
+        if not re.fullmatch(r"\d{1,4}([/-])\d{1,4}\1\d{1,4}", s):
+            raise ValueError
         if "/" in s:
             m, d, y = (int(x) for x in s.split("/"))
         elif "-" in s:
@@ -135,12 +141,22 @@ def parse_dob(value: str, where: str) -> dt.date:
         ) from None
     if date > dt.date.today():
         raise LymphError(f"{where}, field DOB: {s!r} lies in the future")
+    age = (REFERENCE_DATE - date).days / 365.25
+    if age > MAX_AGE:
+        raise LymphError(f"{where}, field DOB: {s!r} gives an age of {age:.0f} years at "
+                         f"{REFERENCE_DATE.isoformat()}; expected 0 to {MAX_AGE:.0f}")
+    if age < 0:
+        raise LymphError(f"{where}, field DOB: {s!r} is after {REFERENCE_DATE.isoformat()}, the "
+                         "date at which ages are computed (a negative age); expected an "
+                         "earlier date")
     return date
 
 
 def parse_lymph_count(value: str, where: str) -> float:
     s = str(value).strip()
     try:
+        if not _NUMBER_RE.match(s):
+            raise ValueError
         x = float(s)
     except ValueError:
         raise LymphError(
@@ -150,12 +166,18 @@ def parse_lymph_count(value: str, where: str) -> float:
         raise LymphError(
             f"{where}, field LYMPH_COUNT: {s!r} must be a positive number (lymphocytes in 10^9/L)"
         )
+    if x > MAX_LYMPH_COUNT:
+        raise LymphError(
+            f"{where}, field LYMPH_COUNT: {s!r} is above {MAX_LYMPH_COUNT:g}, more than any "
+            "blood holds: expected lymphocytes in 10^9/L (not per microlitre)")
     return x
 
 
 def parse_label(value: str, where: str) -> int:
     s = str(value).strip()
     try:
+        if not _NUMBER_RE.match(s):
+            raise ValueError
         f = float(s)
         if f != int(f):
             raise ValueError
@@ -199,6 +221,29 @@ def _read_csv_text(path: Path) -> str:
     return text.lstrip("\ufeff")
 
 
+def _check_header(csv_path: Path) -> None:
+    """Refuse a header naming a column twice (pandas would silently rename one) and a row
+    with more fields than the header (pandas would shift it under the wrong names)."""
+    import csv
+
+    try:
+        rows = csv.reader(io.StringIO(_read_csv_text(csv_path)))
+        first = next(rows, [])
+        names = [c.strip() for c in first]
+        seen: set[str] = set()
+        for k, c in enumerate(names, start=1):
+            if c and c in seen:
+                raise LymphError(f"{csv_path}, line 1, column {k}: duplicated column name "
+                                 f"{c!r} (expected each column once)")
+            seen.add(c)
+        for row in rows:
+            if len(row) > len(names) and any(v.strip() for v in row[len(names):]):
+                raise LymphError(f"{csv_path}, line {rows.line_num}: {len(row)} fields, the "
+                                 f"header names {len(names)} (a stray separator?)")
+    except csv.Error as e:
+        raise LymphError(f"{csv_path}: not a readable CSV ({e})") from None
+
+
 def read_split_csv(csv_path: Path, split: str) -> list[Patient]:
     """Parse one split CSV into patients (without images)."""
     import pandas as pd
@@ -211,6 +256,7 @@ def read_split_csv(csv_path: Path, split: str) -> list[Patient]:
         )
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise LymphError(f"{csv_path}: not a readable CSV ({e})") from None
+    _check_header(csv_path)
     df.columns = [str(c).strip() for c in df.columns]
     unnamed = [c for c in df.columns if c == "" or c.startswith("Unnamed:")]
     df = df.drop(columns=unnamed)

@@ -122,6 +122,9 @@ def make_synthetic(out_dir: str | Path, cfg: SynthConfig | None = None) -> Path:
     n_mal = int(round(cfg.malignant_fraction * cfg.patients))
     labels = np.array([1] * n_mal + [0] * (cfg.patients - n_mal))
     rng.shuffle(labels)
+    from lymph.outputs import check_output
+
+    check_output(out, "synth", name="dataset")  # replaces only a synthetic dataset
     with atomic_path(out) as tmp:
         (tmp / "trainset").mkdir(parents=True)
         (tmp / "testset").mkdir()

@@ -15,7 +15,10 @@ def chunk_results(fn: Callable[[Any], Any], jobs: Sequence[Any],
     processes, or in this process for one worker or one job. Leaving the block stops the
     pool (also on an error or an interrupt)."""
     if workers > 1 and len(jobs) > 1:
-        with get_context("fork").Pool(min(workers, len(jobs))) as pool:  # exit: terminate
+        from lymph.signals import worker_init  # workers leave SIGINT/SIGTERM to this process
+
+        with get_context("fork").Pool(min(workers, len(jobs)),
+                                      initializer=worker_init) as pool:  # exit: terminate
             yield pool.imap_unordered(fn, jobs)
     else:
         yield map(fn, jobs)

@@ -40,6 +40,7 @@ from lymph.encoder import distributed as D
 from lymph.encoder.checkpoint import load_checkpoint, save_checkpoint
 from lymph.encoder.methods import Preprocess, get_method
 from lymph.errors import LymphError
+from lymph.finite import check_epoch
 
 log = logging.getLogger("lymph")
 
@@ -534,6 +535,7 @@ def train(
             dt = time.perf_counter() - t0
             tot_loss, tot_seen = D.all_reduce_sum(env, [float(loss_sum), float(seen)])
             losses.append(tot_loss / max(tot_seen, 1.0))
+            check_epoch(losses[-1], epoch + 1, model, checkpoint, fresh=start == 0, is_main=env.is_main)
             n_img += int(tot_seen)
             seconds += dt
             if env.is_main:

@@ -74,6 +74,10 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
     t_load = time.perf_counter()
     s = open_store(store) if isinstance(store, (str, os.PathLike)) else store
     load_s = time.perf_counter() - t_load
+    if out is not None:  # a model that could not predict from raw data says so now
+        from lymph.head.modeldir import check_encoder_available
+
+        check_encoder_available(s)
     if "threshold" in params:
         params["threshold"] = parse_threshold(params["threshold"])
     if fusion not in ("concat", "late"):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,19 @@ def check_encoder(saved: SavedModel, store: Any) -> None:
             f"{saved.path} expects {str(want)[:12]}... (its training store's encoder): a store "
             "from a different encoder; embed the data with the model's encoder "
             "(`lymph predict --data`)")
+
+
+def check_probabilities(ids: Any, p: np.ndarray, where: Any) -> None:
+    """No label from a number that is not a probability: every value must be finite and in
+    [0, 1], else the whole prediction is refused (nothing is written)."""
+    bad = ~(np.isfinite(p) & (p >= 0.0) & (p <= 1.0))
+    if bad.any():
+        idx = np.flatnonzero(bad)
+        names = ", ".join(f"{ids[i]} ({p[i]!r})" for i in idx[:5])
+        raise LymphError(
+            f"{where}: no prediction written: the model gave {idx.size} patient(s) a "
+            f"probability that is not a finite number in [0, 1]: {names}"
+            + (" ..." if idx.size > 5 else "") + " (non-finite embeddings or model?)")
 
 
 def _csv(rows: list[list[Any]], header: list[str]) -> str:
@@ -116,8 +128,10 @@ def predict(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     if data is not None:
         store_path = out.with_name(out.stem + ".store.h5")
         if work_dir is None:
-            with tempfile.TemporaryDirectory(prefix=".lymph-predict-", dir=out.parent) as wd:
-                embed_like_model(saved, Path(data), store_path, Path(wd), device=device)
+            from lymph.atomic import temp_dir
+
+            with temp_dir(out.parent, "predict") as wd:
+                embed_like_model(saved, Path(data), store_path, wd, device=device)
         else:
             embed_like_model(saved, Path(data), store_path, Path(work_dir), device=device)
     else:
@@ -130,7 +144,8 @@ def predict(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
         raise LymphError(f"{store_path}: no patients selected (--select {select}: empty selection)")
     sub = s.subset(rows) if rows.size != s.n_patients else s
     est = saved.estimator
-    p = est.predict_proba(sub)[:, 1]
+    p = np.asarray(est.predict_proba(sub)[:, 1], dtype=np.float64)
+    check_probabilities(sub.ids, p, store_path)
     pred = (p >= est.threshold_).astype(np.int64)
     outputs = {"predictions": out}
     write_text_atomic(out, _csv([[str(i), f"{v:.6f}", int(k)] for i, v, k in zip(sub.ids, p, pred)],

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lymph.finite import check_epoch
 from lymph.head.bags import Bucket
 
 #: Inference cuts a bucket into chunks of at most this many padded instances x width.
@@ -159,6 +160,7 @@ def train(model: nn.Module, train_groups: list[Group], val_groups: list[Group] |
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        check_epoch(float(loss.detach()), epoch, model)  # lymph.finite: diverged = an error
         if val_groups:
             logits, _ = forward_groups(model, val_groups, n_val)
             z = torch.from_numpy(logits[val_order])

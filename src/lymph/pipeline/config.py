@@ -68,6 +68,54 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: allowed values of the numeric and named settings: (kind, bounds...) as lymph.checks
+RANGES: dict[str, tuple[Any, ...]] = {
+    "data.synth_patients": ("int", 2), "data.synth_test_patients": ("int", 0),
+    "data.synth_size": ("int", 8, 4096), "data.synth_seed": ("int", 0, 2**31 - 1),
+    "ingest.size": ("int", 8, 1024), "ingest.crop": ("int", 0),  # 0 = whole image
+    "embed.dim": ("int", 0), "embed.epochs": ("int", 0), "embed.batch_size": ("int", 0),
+    "embed.lr": ("float", 0.0), "embed.seed": ("int", 0, 2**31 - 1), "embed.folds": ("int", 2),
+    "embed.device": ("choice", ("auto", "cpu", "cuda")),
+    "head.attention_hidden": ("int", 1), "head.mlp": ("ints", 1),
+    "head.dropout": ("frac",), "head.lr": ("pos",), "head.weight_decay": ("float", 0.0),
+    "head.batch_size": ("int", 1), "head.max_epochs": ("int", 1), "head.patience": ("int", 1),
+    "head.threshold": ("threshold",), "head.validation": ("choice", ("cv", "holdout")),
+    "head.fusion": ("choice", ("concat", "late")),
+    "head.pooling": ("registry", "lymph.head.pooling", "POOLINGS"),
+    "head.folds": ("int", 2), "head.repeats": ("int", 1), "head.seed": ("int", 0, 2**31 - 1),
+    "compare.folds": ("int", 2), "compare.repeats": ("int", 1), "compare.seed": ("int", 0, 2**31 - 1),
+}
+
+
+def check_setting(name: str, value: Any) -> None:
+    """Range-check one resolved setting (``section.key``) with lymph.checks' message."""
+    from lymph.checks import check_choice, check_float, check_int, check_threshold, module_constant
+
+    spec = RANGES.get(name)
+    if spec is None:
+        return
+    kind, *b = spec
+    if kind == "int":
+        check_int(name, value, *b)
+    elif kind == "ints":
+        for v in value:
+            check_int(name, v, *b)
+    elif kind == "float":
+        check_float(name, value, *b)
+    elif kind == "pos":
+        check_float(name, value, 0.0, lo_open=True)
+    elif kind == "frac":
+        check_float(name, value, 0.0, 1.0, hi_open=True)
+    elif kind == "threshold":
+        check_threshold(name, value)
+    elif kind == "choice":
+        check_choice(name, value, b[0])
+    elif kind == "registry":
+        names = module_constant(b[0], b[1])
+        if isinstance(names, (tuple, list)) and names:
+            check_choice(name, value, tuple(names))
+
+
 def _type_name(v: Any) -> str:
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
             list: "a list"}.get(type(v), type(v).__name__)
@@ -107,8 +155,12 @@ def merge(config: dict[str, dict[str, Any]], overrides: dict[str, Any], source: 
                     f"{source}: unknown key {section}.{key} "
                     f"(known: {', '.join(sorted(DEFAULTS[section]))})"
                 )
+            if (section, key) == ("head", "threshold") and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                value = str(value)  # a number is as good as its text ('inner' or (0, 1))
             try:
                 config[section][key] = _coerce(f"{section}.{key}", DEFAULTS[section][key], value)
+                check_setting(f"{section}.{key}", config[section][key])
             except LymphError as e:
                 raise LymphError(f"{source}: {e}") from None
 
@@ -137,7 +189,12 @@ def resolve(pipeline: str | Path | dict[str, Any] | None = None, sets: list[str]
         if not path.is_file():
             raise LymphError(f"{path}: pipeline file not found")
         try:
-            overrides = tomllib.loads(path.read_text(encoding="utf-8"))
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise LymphError(f"{path}: not a UTF-8 text file (byte {e.start}); expected a "
+                             "TOML pipeline file") from None
+        try:
+            overrides = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise LymphError(f"{path}: not valid TOML ({e})") from None
         merge(config, overrides, str(path))

@@ -7,7 +7,6 @@ so changing only head settings reruns only stage two.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,16 +89,8 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
             on_stage(rep)
 
     def run_stage(stage: Stage, work: Callable[[Path], dict[str, Any]]) -> dict[str, str]:
-        if stage.is_complete():
-            outs = stage.read_manifest()["outputs"]
-            done(stage, True, 0.0, outs)
-            return outs
-        t0 = time.perf_counter()
-        folder = stage.begin()
-        outs = work(folder)
-        secs = time.perf_counter() - t0
-        stage.finish(cfg, outs, secs)
-        done(stage, False, secs, outs)
+        outs, cached, secs = stage.build(work, cfg)  # locked; a failure leaves no folder
+        done(stage, cached, secs, outs)
         return {k: str(v) for k, v in outs.items()}
 
     # ---- data ------------------------------------------------------------------------

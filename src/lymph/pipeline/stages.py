@@ -9,15 +9,21 @@ rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lymph.atomic import sha256_text, write_text_atomic
 from lymph.errors import LymphError
+
+log = logging.getLogger("lymph")
 
 MANIFEST = "stage.json"
 STAGES = ("data", "ingest", "embed", "head", "compare")
@@ -51,6 +57,65 @@ class Stage:
 
     def read_manifest(self) -> dict[str, Any]:
         return json.loads(self.manifest.read_text(encoding="utf-8"))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the stage's lock (``<stage>/.<fingerprint>.lock``, an advisory ``flock``):
+        two runs never write one stage folder at once; the second waits, then finds the
+        stage complete and reuses it. The kernel drops the lock of a killed run. The lock
+        file is removed by its holder; a waiter that then gets the lock of a removed file
+        opens the path again (so two runs never hold two different files)."""
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        path = self.folder.parent / f".{self.fingerprint}.lock"
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (documented)
+            yield
+            return
+        warned = False
+        while True:
+            f = open(path, "a+")  # noqa: SIM115 (held across the yield; closed below)
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not warned:
+                    log.warning("%s: another lymph run is writing this stage; waiting for it",
+                                self.folder)
+                    warned = True
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            f.close()  # the holder removed that file: lock the path anew
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            f.close()  # releases the lock
+
+    def build(self, work: Callable[[Path], dict[str, Any]], config: dict[str, Any]
+              ) -> tuple[dict[str, Any], bool, float]:
+        """Reuse the complete stage, or build it under the lock: ``(outputs, cached,
+        seconds)``. A failed or interrupted build leaves no folder (and so no cache)."""
+        if self.is_complete():
+            return self.read_manifest()["outputs"], True, 0.0
+        with self.lock():
+            if self.is_complete():  # another run built it while we waited
+                return self.read_manifest()["outputs"], True, 0.0
+            t0 = time.perf_counter()
+            folder = self.begin()
+            try:
+                outs = work(folder)
+                secs = time.perf_counter() - t0
+                self.finish(config, outs, secs)
+            except BaseException:
+                shutil.rmtree(self.folder, ignore_errors=True)
+                raise
+        return outs, False, secs
 
     def begin(self) -> Path:
         """Start (or restart) the stage: an incomplete folder is cleared."""

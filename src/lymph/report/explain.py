@@ -20,7 +20,6 @@ processed; the files go to a temporary folder beside ``out``).
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,9 +88,10 @@ def explain(patient_id: str, model_dir: str | os.PathLike[str], *,
     saved = load_model(model_dir)
     out_p = Path(out) if out is not None else Path(f"{patient_id}.explain.png")
     if data is not None:
-        out_p.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".lymph-explain-", dir=out_p.parent) as wd:
-            sp, cp = store_from_data(saved, Path(data), Path(wd))
+        from lymph.atomic import temp_dir  # removed on exit; a killed run's, by the next
+
+        with temp_dir(out_p.parent, "explain") as wd:
+            sp, cp = store_from_data(saved, Path(data), wd)
             return _explain(patient_id, saved, sp, cp, out_p, k)
     return _explain(patient_id, saved, Path(store), None if cache is None else Path(cache),  # type: ignore[arg-type]
                     out_p, k)

@@ -129,8 +129,12 @@ def montage_image(cells: list[np.ndarray], captions: list[str], title: list[str]
 def save_png(img: Any, path: str | os.PathLike[str]) -> Path:
     """Write a PIL image as PNG atomically."""
     path = Path(path)
+    from PIL.PngImagePlugin import PngInfo
+
+    stamp = PngInfo()
+    stamp.add_text("Software", "lymph")  # lets lymph recognise its own PNG (lymph.outputs)
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", compress_level=1)
+        img.save(tmp, format="PNG", compress_level=1, pnginfo=stamp)
     return path
 
 
