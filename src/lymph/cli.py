@@ -247,6 +247,9 @@ def fit_head(
     Console(width=100).print(table)
     for name, path in res.outputs.items():
         typer.echo(f"wrote {name}: {path}")
+    if out is None:
+        typer.echo("note: no model saved (cross-validation only); add --out MODEL_DIR to save "
+                   "the final model for `lymph predict`")
 
 
 @app.command()
@@ -270,6 +273,12 @@ def predict(
                f"{res.threshold:.3f})")
     for name, path in res.outputs.items():
         typer.echo(f"wrote {name}: {path}")
+    from lymph.report.insample import in_sample_note, training_ids
+
+    note = in_sample_note([str(i) for i in res.ids], training_ids(model, res.store_path),
+                          "prediction")
+    if note:
+        typer.echo(note)
 
 
 def print_comparison(res: Any) -> None:
@@ -314,8 +323,13 @@ def compare_baselines(
     images: Annotated[Optional[Path], typer.Option("--images", help="Image cache for the montages (default: the image files named in the store).")] = None,
     montages: Annotated[bool, typer.Option(help="Montages of the misclassified patients in the report.")] = True,
     folds_from_store: Annotated[bool, typer.Option("--folds-from-store", help="Use stage one's folds recorded in a weak store (one repeat; --folds/--repeats ignored), to measure stacking optimism.")] = False,
+    target_sensitivity: Annotated[float, typer.Option("--target-sensitivity", help="The report's triage operating point: sensitivity for malignancy the threshold must reach, chosen inside each training fold.")] = 0.95,
+    chosen: Annotated[Optional[str], typer.Option("--chosen", help="The report's chosen model (default: the best images + clinical model by balanced accuracy).")] = None,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
+    from lymph.report.triage import check_target
+
+    check_target(target_sensitivity)
     from lymph.compare import run_compare
     from lymph.console import progress_bar
 
@@ -324,7 +338,8 @@ def compare_baselines(
         res, outputs = run_compare(store, folds=folds, repeats=repeats, seed=seed, out=out,
                                    json_path=json_out, models=models, images=images,
                                    montages=montages, progress=lambda n, d, t: update(),
-                                   folds_from_store=folds_from_store)
+                                   folds_from_store=folds_from_store, chosen=chosen,
+                                   target_sensitivity=target_sensitivity)
     print_comparison(res)
     for note in res.notes:
         typer.echo(f"note: {note}")
@@ -353,6 +368,11 @@ def explain(
         dev = ", ".join(f"{c} {z:+.1f}" for c, z in e.deviations.get(j, []))
         typer.echo(f"  cell #{j}: {e.weight_name}={e.weights[j]:.4g}" + (f"; deviates: {dev}" if dev else ""))
     typer.echo(f"wrote {e.out}")
+    from lymph.report.insample import in_sample_note, training_ids
+
+    note = in_sample_note([e.patient], training_ids(model, store), "explanation")
+    if note:
+        typer.echo(note)
 
 
 # ---- lymph run / ls / demo / bench (pipelines and measurements) -------------------------------
@@ -365,14 +385,28 @@ def _print_run(res: Any, artifacts: Path) -> None:
     if res.comparison is not None:
         print_comparison(res.comparison)
     for st in res.stages:
-        if st.name == "compare" and "report" in st.outputs:
-            typer.echo(f"report: {st.outputs['report']}")
+        if st.name == "compare":
+            for key in ("report", "html", "predictions", "submission"):
+                if key in st.outputs:
+                    typer.echo(f"{key}: {st.outputs[key]}")
     typer.echo(f"resolved configuration saved with every stage (stage.json) under {artifacts}")
 
 
 def _stage_line(st: Any) -> None:
     what = "cached" if st.cached else f"ran in {st.seconds:.1f} s"
     typer.echo(f"[{st.name}] {what}: {st.folder}", err=True)
+
+
+#: what each stage does, said when it starts (a long stage is never silent)
+_STAGE_WHAT = {"data": "making the synthetic data", "ingest": "decoding every image into the cache",
+               "embed": "stage one: features of every cell image (the longest stage)",
+               "head": "stage two: cross-validating the head and fitting the final model",
+               "compare": "every model on the same folds, the report, the unlabelled patients"}
+
+
+def _stage_start(name: str, settings: dict[str, Any]) -> None:
+    extra = f" ({settings['method']})" if name == "embed" and "method" in settings else ""
+    typer.echo(f"[{name}] running: {_STAGE_WHAT.get(name, name)}{extra} ...", err=True)
 
 
 @app.command()
@@ -382,12 +416,17 @@ def run(
     data: Annotated[Optional[Path], typer.Option("--data", help="Challenge root or split folder (overrides data.path).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value (repeatable).")] = None,
     artifacts: Annotated[Path, typer.Option(help="Where stage outputs are cached.")] = Path("artifacts"),
+    target_sensitivity: Annotated[Optional[float], typer.Option("--target-sensitivity", help="The report's triage operating point (default: compare.target_sensitivity, 0.95).")] = None,
 ) -> None:
-    """Run ingest, embed, fit-head, compare-baselines and the report; reuse cached stages."""
+    """Run ingest, embed, fit-head, compare-baselines and the report; reuse cached stages.
+
+    On challenge data the unlabelled (test) patients are predicted with the pipeline's model:
+    predictions.csv and the submission (Id,Predicted) in the compare stage's folder."""
     from lymph.pipeline.run import run_pipeline
 
     res = run_pipeline(pipeline, sets=set_ or [], data=data, artifacts=artifacts,
-                       on_stage=_stage_line)
+                       on_stage=_stage_line, on_start=_stage_start,
+                       target_sensitivity=target_sensitivity)
     _print_run(res, artifacts)
 
 
@@ -400,16 +439,15 @@ def ls(
     from rich.console import Console
     from rich.table import Table
 
-    from lymph.pipeline.stages import list_stages
+    from lymph.pipeline.run import ls_rows
 
     table = Table(title=f"cached stages in {artifacts}")
-    for c in ("stage", "fingerprint", "size", "seconds", "settings"):
-        table.add_column(c)
-    for r in list_stages(artifacts):
-        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+    for c in ("stage", "fingerprint", "size", "seconds", "data", "settings"):
+        table.add_column(c, overflow="fold")
+    for r in ls_rows(artifacts):
         table.add_row(r["stage"], r["fingerprint"], f"{r['bytes'] / 1e6:.1f} MB",
-                      f"{r['seconds']}", settings)
-    Console(width=140).print(table)
+                      f"{r['seconds']}", r["data"], r["settings_text"])
+    Console(width=160).print(table)
 
 
 @app.command()
@@ -418,13 +456,14 @@ def demo(
     artifacts: Annotated[Path, typer.Option(help="Where the demo's stage outputs go.")] = Path("artifacts"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value.")] = None,
 ) -> None:
-    """Make a small synthetic dataset and run the demo pipeline on it (a few minutes on a CPU)."""
+    """Make a small synthetic dataset and run the demo pipeline on it (about 30 s on two CPU cores)."""
     from lymph.pipeline.config import DEMO
     from lymph.pipeline.run import run_pipeline
 
     typer.echo("lymph demo: synthetic data -> ingest -> autoencoder -> fit-head -> compare-baselines",
                err=True)
-    res = run_pipeline(DEMO, sets=set_ or [], artifacts=artifacts, on_stage=_stage_line)
+    res = run_pipeline(DEMO, sets=set_ or [], artifacts=artifacts, on_stage=_stage_line,
+                       on_start=_stage_start)
     _print_run(res, artifacts)
 
 
