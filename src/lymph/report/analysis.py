@@ -30,7 +30,7 @@ def choose(result: Any, chosen: str | None) -> tuple[Any, Any, str]:
         if chosen not in result.models:
             raise LymphError(f"--chosen: {chosen!r} is not in this comparison (models: "
                              f"{', '.join(result.models)})")
-        return result.models[chosen], clin, "the model the pipeline fits (its head settings)"
+        return result.models[chosen], clin, "the model the pipeline fits with its head settings"
     img = next((m for m in ranked if m.spec.inputs == IMAGES_CLINICAL), None)
     if img is not None:
         return img, clin, "the best images + clinical model by mean balanced accuracy"

@@ -37,7 +37,7 @@ def summary_md(a: dict[str, Any]) -> str:
     iv = a["uncertainty"]["models"][c]
     pct = round(100 * a["target_sensitivity"])
     lines = [
-        f"**Chosen model: {c}** ({a['chosen_rule']}); compared with the best clinical-only "
+        f"**Chosen model: {c}**, {a['chosen_rule']}; compared with the best clinical-only "
         f"model **{a['clinical_only']}**.", "",
         f"At a threshold set for {pct}% sensitivity (chosen inside each training fold), out of "
         f"fold, per 100 patients: **{t['avoided_per_100']:.0f} cytometries avoided** "
@@ -72,15 +72,14 @@ def triage_md(a: dict[str, Any]) -> str:
         out.append(f"| {title} | " + " | ".join(cells) + " |")
     thr = [f"{a['triage'][n][op]['threshold_mean']:.3f}" for n in names for op in (TARGET, BALANCED)]
     out.append("| threshold (mean over folds) | " + " | ".join(thr) + " |")
-    out += ["", "Confusion matrices (repeat 1, patients; rows: truth, columns: prediction):", ""]
+    out += ["", "Confusion matrices (repeat 1, in patients):", "",
+            "| model, threshold | reactive, no cytometry | reactive, sent to cytometry | "
+            "malignant, no cytometry (missed) | malignant, sent to cytometry |",
+            "|---|---|---|---|---|"]
     for n in names:
         for op in (TARGET, BALANCED):
             c = a["triage"][n][op]["confusion_repeat_1"]
-            out += [f"**{n}, {OP_TITLE[op]}**", "",
-                    "| | predicted reactive (no cytometry) | predicted malignant (cytometry) |",
-                    "|---|---|---|",
-                    f"| reactive | {c['tn']} | {c['fp']} |",
-                    f"| malignant | {c['fn']} (missed) | {c['tp']} |", ""]
+            out.append(f"| {n}, {OP_TITLE[op]} | {c['tn']} | {c['fp']} | {c['fn']} | {c['tp']} |")
     return "\n".join(out)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from lymph.atomic import atomic_path, write_text_atomic
 
 GALLERY_CELLS = 32
-TILE = 80
+TILE = 96
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2430;background:#fafbfc}
@@ -125,7 +125,7 @@ def _gallery_image(store: Any, row: int, weights: np.ndarray | None, source: Any
     n = len(cells)
     order = np.arange(n) if weights is None else np.argsort(-np.asarray(weights), kind="stable")
     order = order[:GALLERY_CELLS]
-    caps = [f"#{j}" if weights is None else f"#{j} {wname}={weights[j]:.3g}" for j in order]
+    caps = [f"#{j}" if weights is None else f"#{j}: {weights[j]:.3g}" for j in order]
     img = montage_image([cells[j] for j in order], caps, [], ncols=8, tile=TILE)
     with atomic_path(path) as tmp:
         img.convert("RGB").save(tmp, format="JPEG", quality=85)
@@ -162,7 +162,8 @@ def galleries(out: Path, a: dict[str, Any], store: Any, result: Any, cache: Any,
             img = (f'<img loading="lazy" src="assets/cells/{_safe(pid)}.jpg" '
                    f'alt="cells of {_h.escape(pid)}">')
             paths.append(path)
-            note = f"{shown} of {r['cells']} cells, ordered by {origin}, highest first."
+            note = (f"{shown} of {r['cells']} cells, ordered by {origin}, highest first "
+                    f"(caption: cell index in the patient's folder order: {'score' if wname == 'score' else 'weight'}).")
         except LymphError as e:
             img, note = "", f"no cell images: {e}"
         parts.append(f'<section id="p-{_safe(pid)}"><h3>{_h.escape(pid)}: '

@@ -99,9 +99,10 @@ def plain_sentence(diff: dict[str, Any], chosen_uses_images: bool) -> str:
     iv = f"ROC AUC {a} minus {b} {d['estimate']:+.3f}, 95% interval {d['low']:+.3f} to {d['high']:+.3f}"
     if not chosen_uses_images:
         return f"The chosen model {a} uses no images, so this report cannot say what images add ({iv})."
-    if d["low"] > 0:
+    # "measurably": the whole interval on one side of zero at the precision shown
+    if round(d["low"], 3) > 0:
         return f"On this cohort the images add measurably to the clinical data ({iv})."
-    if d["high"] < 0:
+    if round(d["high"], 3) < 0:
         return (f"On this cohort the chosen model with images does measurably worse than the "
                 f"clinical data alone ({iv}).")
     return (f"On this cohort the images do not add measurably to the clinical data ({iv}; "

@@ -1,0 +1,183 @@
+"""The clinical report: triage thresholds chosen inside training folds, bootstrap intervals,
+calibration, decision curve, and report.json reproducible from oof.csv + comparison.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lymph.cli import app
+from lymph.report import calibration as cal
+from lymph.report import decision, triage, uncertainty
+
+
+def _cv(y: np.ndarray, p: np.ndarray, folds: int = 4, seed: int = 0) -> SimpleNamespace:
+    """A one-repeat CV result over ``p`` (stratified folds, like make_folds)."""
+    from lymph.head.evaluate import FoldResult, make_folds
+
+    fl = make_folds(y, folds, 1, seed)
+    fr = [FoldResult(r, k, tr, te, 0.5, {}, 0.0) for r, k, tr, te in fl]
+    oof_f = np.full((1, y.size), -1)
+    for f in fr:
+        oof_f[0, f.test_rows] = f.fold
+    return SimpleNamespace(oof=p[None, :].astype(float), labels=y, folds=fr,
+                           oof_fold=oof_f, oof_threshold=np.full((1, y.size), 0.5))
+
+
+def _data(n: int = 120, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.6).astype(int)
+    p = 1 / (1 + np.exp(-(2.0 * (y - 0.5) * 2 + rng.normal(0, 1.5, n))))
+    return y, p
+
+
+def test_sensitivity_threshold_is_the_highest_reaching_target() -> None:
+    y, p = _data()
+    t = triage.sensitivity_threshold(y, p, 0.9)
+    assert np.mean(p[y == 1] >= t) >= 0.9
+    above = np.unique(p[p > t])
+    assert above.size == 0 or np.mean(p[y == 1] >= above[0]) < 0.9  # next one up misses it
+
+
+def test_fold_threshold_never_sees_its_test_patients() -> None:
+    y, p = _data()
+    cv = _cv(y, p)
+    t0 = triage.fold_thresholds(cv, 0.95)
+    te = cv.folds[0].test_rows
+    p2 = p.copy()
+    p2[te] = np.random.default_rng(1).random(te.size)  # change only fold 1's patients
+    t1 = triage.fold_thresholds(_cv(y, p2), 0.95)
+    assert np.allclose(t0[0, te], t1[0, te])  # their threshold did not move
+    assert not np.allclose(t0, t1, equal_nan=True)  # the other folds' did (they train on fold 1)
+
+
+def test_operating_point_counts_and_per_100() -> None:
+    y, p = _data()
+    cv = _cv(y, p)
+    op = triage.operating_point(cv, np.full((1, y.size), 0.5))
+    c = op["confusion_repeat_1"]
+    pred = (p >= 0.5).astype(int)
+    assert c["tp"] == int(((pred == 1) & (y == 1)).sum()) and c["fn"] == int(((pred == 0) & (y == 1)).sum())
+    assert op["avoided_per_100"] == pytest.approx(100 * np.mean(pred == 0))
+    assert op["missed_per_100"] == pytest.approx(100 * c["fn"] / y.size)
+    assert op["sensitivity"] == pytest.approx(c["tp"] / (c["tp"] + c["fn"]))
+
+
+def test_bootstrap_intervals_and_paired_difference() -> None:
+    y, p = _data()
+    thr = {"balanced": np.full((1, y.size), 0.5)}
+    q = np.clip(p + np.random.default_rng(2).normal(0, 0.2, p.size), 0, 1)
+    models = {"a": (p[None], thr), "b": (q[None], thr)}
+    r1 = uncertainty.bootstrap(y, models, ("a", "b"), n_boot=200, seed=0)
+    r2 = uncertainty.bootstrap(y, models, ("a", "b"), n_boot=200, seed=0)
+    assert r1 == r2  # a seed fixes it
+    auc = r1["models"]["a"]["roc_auc"]
+    from sklearn.metrics import roc_auc_score
+
+    assert auc["estimate"] == pytest.approx(roc_auc_score(y, p))
+    assert auc["low"] < auc["estimate"] < auc["high"]
+    same = uncertainty.bootstrap(y, {"a": (p[None], thr), "c": (p[None], thr)}, ("a", "c"), n_boot=50)
+    d = same["difference"]["figures"]["roc_auc"]
+    assert d["low"] == d["high"] == d["estimate"] == 0.0  # paired: identical models differ by 0
+    s = uncertainty.plain_sentence(same["difference"], True)
+    assert "do not add measurably" in s
+    r1["difference"]["figures"]["roc_auc"].update(estimate=0.05, low=0.01, high=0.09)
+    assert "add measurably" in uncertainty.plain_sentence(r1["difference"], True)
+
+
+def test_calibration_slope_intercept_and_refit_in_folds() -> None:
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.02, 0.98, 4000)
+    y = (rng.random(p.size) < p).astype(int)
+    slope, icpt = cal.slope_intercept(y, p)
+    assert slope == pytest.approx(1.0, abs=0.12) and icpt == pytest.approx(0.0, abs=0.1)
+    shrunk = 1 / (1 + np.exp(-(cal.logit(p) - 1.0)))  # under-predicts malignancy
+    s2, i2 = cal.slope_intercept(y, shrunk)
+    assert i2 == pytest.approx(1.0, abs=0.15)
+    c = cal.calibration(_cv(y[:600], shrunk[:600], folds=5))
+    assert c["off"] and c["after"]["brier"] < c["before"]["brier"]
+    assert abs(c["after"]["intercept"]) < abs(c["before"]["intercept"])
+
+
+def test_decision_curve_perfect_model_and_treat_all() -> None:
+    y = np.array([1] * 30 + [0] * 70)
+    p = y.astype(float)
+    dc = decision.decision_curve(y, np.ones((1, y.size), bool), {"perfect": p[None]})
+    assert np.allclose(dc["models"]["perfect"], 0.3)  # net benefit = prevalence
+    t = np.asarray(dc["thresholds"])
+    assert np.allclose(dc["treat_all"], 0.3 - 0.7 * t / (1 - t))
+
+
+@pytest.fixture(scope="module")
+def morph_store(synth_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lymph.data.cache import open_cache
+    from lymph.encoder.morphometry import write_morphometry_store
+
+    return write_morphometry_store(open_cache(synth_cache),
+                                   tmp_path_factory.mktemp("repc") / "m.h5", workers=1)
+
+
+def test_report_json_reproducible_from_oof_csv(morph_store: Path, synth_cache: Path,
+                                               tmp_path: Path) -> None:
+    """Every triage figure of report.json is recomputed from oof.csv and the folds'
+    patients in comparison.json: the threshold from the other folds' rows only."""
+    out = tmp_path / "r"
+    r = CliRunner().invoke(app, ["compare-baselines", "--store", str(morph_store), "--folds", "3",
+                                 "--models", "logistic,late-fusion", "--out", str(out),
+                                 "--images", str(synth_cache), "--target-sensitivity", "0.9"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    cmp = json.loads((out / "comparison.json").read_text())
+    assert rep["chosen"] == "late-fusion" and rep["clinical_only"] == "logistic"
+    assert rep["target_sensitivity"] == 0.9
+    with open(out / "oof.csv") as f:
+        rows = [x for x in csv.DictReader(f) if x["model"] == "late-fusion"]
+    prob = {x["id"]: float(x["probability"]) for x in rows}
+    lab = {x["id"]: int(x["label"]) for x in rows}
+    tp = fn = tn = fp = 0
+    for fold in cmp["fold_patients"]:
+        train = [i for i in prob if i not in set(fold["test"])]
+        t = triage.sensitivity_threshold(np.array([lab[i] for i in train]),
+                                         np.array([prob[i] for i in train]), 0.9)
+        for i in fold["test"]:
+            pred = prob[i] >= t - 5e-7  # oof.csv rounds to 6 decimals
+            tp += pred and lab[i] == 1
+            fn += (not pred) and lab[i] == 1
+            fp += pred and lab[i] == 0
+            tn += (not pred) and lab[i] == 0
+    got = rep["triage"]["late-fusion"]["target_sensitivity"]["confusion_repeat_1"]
+    assert got == {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
+    for key in ("cohort", "uncertainty", "calibration", "decision_curve", "drivers", "patients",
+                "sentence"):
+        assert key in rep
+    assert len(rep["patients"]) == 19  # every store patient, unlabelled included
+    assert rep["drivers"]["coefficients"] and rep["drivers"]["measurements"]
+    md = (out / "report.md").read_text()
+    for sec in ("## Summary", "## Cohort", "## Triage operating points",
+                "## Images against clinical data alone", "## Calibration",
+                "## Clinical usefulness", "## What drives it"):
+        assert sec in md
+    assert (out / "report.html").is_file() and (out / "decision.png").is_file()
+    assert (out / "reliability.png").is_file()
+
+
+def test_bad_target_sensitivity_is_one_error_line(morph_store: Path) -> None:
+    r = CliRunner().invoke(app, ["compare-baselines", "--store", str(morph_store),
+                                 "--target-sensitivity", "1.5"])
+    assert r.exit_code == 1
+    assert "--target-sensitivity: expected a number in (0, 1]" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_ls_says_placeholders_in_words() -> None:
+    from lymph.pipeline.run import describe_settings
+
+    s = describe_settings({"method": "ae", "dim": 0, "lr": 0.0, "seed": 0, "crop": None})
+    assert "lr=default" in s and "dim=default" in s and "crop=none" in s and "seed=0" in s
+    assert "0.0" not in s and "None" not in s
