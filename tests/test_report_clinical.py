@@ -181,3 +181,26 @@ def test_ls_says_placeholders_in_words() -> None:
     s = describe_settings({"method": "ae", "dim": 0, "lr": 0.0, "seed": 0, "crop": None})
     assert "lr=default" in s and "dim=default" in s and "crop=none" in s and "seed=0" in s
     assert "0.0" not in s and "None" not in s
+
+
+def test_run_predicts_unlabelled_and_writes_submission(synth_data: Path, tmp_path: Path) -> None:
+    """`lymph run` on challenge data: the test patients predicted with the pipeline's model
+    (late fusion here), the submission Id,Predicted, and the report with every stage said."""
+    art = tmp_path / "art"
+    r = CliRunner().invoke(app, ["run", "--data", str(synth_data), "--artifacts", str(art),
+                                 "--set", "embed.method=morphometry", "--set", "ingest.size=32",
+                                 "--set", "head.fusion=late", "--set", "head.folds=3",
+                                 "--set", "compare.folds=3", "--target-sensitivity", "0.9",
+                                 str(Path(__file__).resolve().parents[1] / "pipelines" / "default.toml")])
+    assert r.exit_code == 0, r.output
+    assert "[embed] running" in r.output  # a long stage says it started
+    sub = next(art.glob("compare/*/submission.csv"))
+    rows = list(csv.reader(open(sub)))
+    assert rows[0] == ["Id", "Predicted"] and len(rows) == 1 + 3  # the 3 test patients
+    assert all(x[1] in ("0", "1") for x in rows[1:])
+    pred = list(csv.DictReader(open(sub.parent / "predictions.csv")))
+    assert {p["id"] for p in pred} == {x[0] for x in rows[1:]}
+    rep = json.loads((sub.parent / "report" / "report.json").read_text())
+    assert rep["chosen"] == "late-fusion" and rep["target_sensitivity"] == 0.9
+    final = [p for p in rep["patients"] if p["source"] == "final model"]
+    assert len(final) == 3 and all(p["probability"] is not None for p in final)
