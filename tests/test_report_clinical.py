@@ -204,3 +204,22 @@ def test_run_predicts_unlabelled_and_writes_submission(synth_data: Path, tmp_pat
     assert rep["chosen"] == "late-fusion" and rep["target_sensitivity"] == 0.9
     final = [p for p in rep["patients"] if p["source"] == "final model"]
     assert len(final) == 3 and all(p["probability"] is not None for p in final)
+
+
+def test_fit_head_without_out_says_nothing_saved_and_predict_says_in_sample(tmp_path: Path) -> None:
+    from conftest import make_bags
+
+    from lymph.store import write_store
+
+    st = write_store(tmp_path / "s.h5", **make_bags(n_patients=24))
+    base = ["fit-head", "--store", str(st), "--folds", "2", "--epochs", "3", "--patience", "2",
+            "--fusion", "late"]
+    r = CliRunner().invoke(app, base)
+    assert r.exit_code == 0, r.output
+    assert "no model saved" in r.output
+    r = CliRunner().invoke(app, base + ["--out", str(tmp_path / "m")])
+    assert r.exit_code == 0 and "no model saved" not in r.output
+    r = CliRunner().invoke(app, ["predict", "--model", str(tmp_path / "m"), "--store", str(st),
+                                 "--out", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    assert "24 of 24 patients are the model's training patients" in r.output and "in-sample" in r.output
