@@ -98,7 +98,7 @@ def test_calibration_slope_intercept_and_refit_in_folds() -> None:
     slope, icpt = cal.slope_intercept(y, p)
     assert slope == pytest.approx(1.0, abs=0.12) and icpt == pytest.approx(0.0, abs=0.1)
     shrunk = 1 / (1 + np.exp(-(cal.logit(p) - 1.0)))  # under-predicts malignancy
-    s2, i2 = cal.slope_intercept(y, shrunk)
+    _, i2 = cal.slope_intercept(y, shrunk)
     assert i2 == pytest.approx(1.0, abs=0.15)
     c = cal.calibration(_cv(y[:600], shrunk[:600], folds=5))
     assert c["off"] and c["after"]["brier"] < c["before"]["brier"]
@@ -195,10 +195,10 @@ def test_run_predicts_unlabelled_and_writes_submission(synth_data: Path, tmp_pat
     assert r.exit_code == 0, r.output
     assert "[embed] running" in r.output  # a long stage says it started
     sub = next(art.glob("compare/*/submission.csv"))
-    rows = list(csv.reader(open(sub)))
+    rows = list(csv.reader(sub.read_text().splitlines()))
     assert rows[0] == ["Id", "Predicted"] and len(rows) == 1 + 3  # the 3 test patients
     assert all(x[1] in ("0", "1") for x in rows[1:])
-    pred = list(csv.DictReader(open(sub.parent / "predictions.csv")))
+    pred = list(csv.DictReader((sub.parent / "predictions.csv").read_text().splitlines()))
     assert {p["id"] for p in pred} == {x[0] for x in rows[1:]}
     rep = json.loads((sub.parent / "report" / "report.json").read_text())
     assert rep["chosen"] == "late-fusion" and rep["target_sensitivity"] == 0.9

@@ -399,13 +399,13 @@ def _stage_line(st: Any) -> None:
 
 #: what each stage does, said when it starts (a long stage is never silent)
 _STAGE_WHAT = {"data": "making the synthetic data", "ingest": "decoding every image into the cache",
-               "embed": "stage one: features of every cell image (the longest stage)",
-               "head": "stage two: cross-validating the head and fitting the final model",
+               "embed": "stage one, features of every cell image (the longest stage)",
+               "head": "stage two, cross-validating the head and fitting the final model",
                "compare": "every model on the same folds, the report, the unlabelled patients"}
 
 
 def _stage_start(name: str, settings: dict[str, Any]) -> None:
-    extra = f" ({settings['method']})" if name == "embed" and "method" in settings else ""
+    extra = f", method {settings['method']}" if name == "embed" and "method" in settings else ""
     typer.echo(f"[{name}] running: {_STAGE_WHAT.get(name, name)}{extra} ...", err=True)
 
 
@@ -481,7 +481,11 @@ def bench(
 
     from lymph.bench import run_bench
 
-    res = run_bench(data=data, device=device, quick=quick)
+    import time
+
+    t0 = time.perf_counter()
+    res = run_bench(data=data, device=device, quick=quick, on_step=lambda what: typer.echo(
+        f"[bench {time.perf_counter() - t0:5.0f} s] {what} ...", err=True))
     table = Table(title="lymph bench: rates and their ceilings, measured in one run")
     for c in ("figure", "value", "ceiling", "ratio", "target"):
         table.add_column(c, justify="right" if c != "figure" else "left")

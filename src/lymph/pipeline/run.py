@@ -88,9 +88,7 @@ def describe_settings(settings: dict[str, Any]) -> str:
     for k, v in settings.items():
         if k in _DEFAULT_WHEN_ZERO and not v:
             v = "default"
-        elif k == "crop" and not v:
-            v = "none"
-        elif v is None:
+        elif (k == "crop" and not v) or v is None:
             v = "none"
         parts.append(f"{k}={v}")
     return ", ".join(parts)

@@ -55,7 +55,7 @@ def patients_table(store: Any, chosen: Any, triage_c: dict[str, Any],
     """One row per store patient: the chosen model's repeat-1 out-of-fold probability and
     its decisions (labelled), or the final model's (unlabelled, from ``predictions``)."""
     from lymph.report.cohort import clinical_values
-    from lymph.report.triage import BALANCED, TARGET
+    from lymph.report.triage import TARGET
 
     cv = chosen.cv
     clin = clinical_values(store)

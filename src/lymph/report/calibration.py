@@ -50,7 +50,7 @@ def slope_intercept(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
     lp = logit(p)
     slope = float(LogisticRegression(C=np.inf).fit(lp[:, None], y).coef_[0, 0])
     target = y.mean()
-    f = lambda a: float(np.mean(expit(a + lp)) - target)  # noqa: E731 (monotone in a)
+    f = lambda a: float(np.mean(expit(a + lp)) - target)  # monotone in a
     intercept = float(brentq(f, -30.0, 30.0))
     return slope, intercept
 

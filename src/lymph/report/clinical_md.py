@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from lymph.report.triage import BALANCED, TARGET
 
 OP_TITLE = {TARGET: "target sensitivity", BALANCED: "balanced"}
@@ -18,7 +20,7 @@ def _iv(d: dict[str, Any] | None, pct: bool = False, signed: bool = False) -> st
     if d is None or d.get("estimate") is None:
         return "–"
     e, lo, hi = d["estimate"], d["low"], d["high"]
-    if e != e:  # NaN
+    if not np.isfinite(e):
         return "–"
     f = "{:+.1f}" if signed and pct else "{:.1f}" if pct else "{:+.3f}" if signed else "{:.3f}"
     return f"{f.format(e)} ({f.format(lo)} to {f.format(hi)})"
