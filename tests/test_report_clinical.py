@@ -173,6 +173,9 @@ def test_bad_target_sensitivity_is_one_error_line(morph_store: Path) -> None:
     assert r.exit_code == 1
     assert "--target-sensitivity: expected a number in (0, 1]" in r.output
     assert "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["compare-baselines", "--store", str(morph_store),
+                                 "--models", "logistic", "--chosen", "late-fusion"])
+    assert r.exit_code == 1 and "--chosen: 'late-fusion' is not among the models" in r.output
 
 
 def test_ls_says_placeholders_in_words() -> None:

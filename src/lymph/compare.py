@@ -346,6 +346,9 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     s = open_store(store) if isinstance(store, (str, os.PathLike)) else store
     specs, notes = default_models(s, seed=seed)
     specs = select_models(specs, models)
+    if chosen is not None and chosen not in specs:
+        raise LymphError(f"--chosen: {chosen!r} is not among the models of this comparison "
+                         f"({', '.join(specs)})")
     if (s.provenance or {}).get("weak_folds"):
         from lymph.encoder.weak import check_fold_safety
 
@@ -360,10 +363,6 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     res = compare(s, specs, folds=folds, repeats=repeats, seed=seed, progress=progress,
                   fold_list=fold_list)
     res.notes[:0] = notes
-    if chosen is not None and chosen not in res.models:
-        res.notes.append(f"the pipeline's model {chosen} is not in this comparison; the report "
-                         "uses the best images + clinical model")
-        chosen = None
     outputs: dict[str, Any] = {}
     predictions = None
     if predict_unlabelled is not None:

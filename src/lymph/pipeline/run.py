@@ -320,7 +320,10 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
         st = make_stage(root, "compare", settings, [embed_fp, head_fp])
 
         def do_compare(folder: Path) -> dict[str, Any]:
-            from lymph.compare import MODEL_NAMES, run_compare
+            from lymph.compare import MODEL_NAMES, default_models, run_compare
+            from lymph.store import open_store
+
+            pick = chosen if chosen in default_models(open_store(store_path))[0] else None
 
             n_models = len(MODEL_NAMES)
             with _bar("compare-baselines", n_models * c["folds"] * c["repeats"], progress) as step:
@@ -333,7 +336,7 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
                 res, outs = run_compare(
                     store_path, folds=c["folds"], repeats=c["repeats"], seed=c["seed"],
                     out=folder / "report", json_path=folder / "comparison-rows.json",
-                    images=cache_path, progress=tick, chosen=chosen,
+                    images=cache_path, progress=tick, chosen=pick,
                     target_sensitivity=c["target_sensitivity"],
                     predict_unlabelled=lambda thr: predict_unlabelled(
                         Path(head_outs["model"]), store_path, folder, thr))

@@ -45,7 +45,7 @@ def _check_finite(m: Any) -> None:
 
 
 def _fold_thresholds(cv: Any, thr: np.ndarray) -> list[dict[str, Any]]:
-    return [{"repeat": f.repeat + 1, "fold": f.fold + 1,
+    return [{"repeat": f.repeat, "fold": f.fold,  # counted from 0, as in comparison.json
              "threshold": float(thr[f.repeat, f.test_rows[0]]) if len(f.test_rows) else None}
             for f in cv.folds]
 

@@ -105,7 +105,7 @@ def operating_point(cv: Any, thresholds: np.ndarray) -> dict[str, Any]:
         rows = np.flatnonzero(cv.oof_fold[r] >= 0)
         pred = (cv.oof[r, rows] >= thresholds[r, rows]).astype(np.int64)
         c = counts(y_all[rows].astype(np.int64), pred)
-        per_repeat.append({"repeat": r + 1, **c, **rates(c)})
+        per_repeat.append({"repeat": r, **c, **rates(c)})  # files count from 0
     mean = {k: float(np.nanmean([q[k] for q in per_repeat])) for k in RATE_KEYS}
     thr = thresholds[np.isfinite(thresholds)]
     return {**mean, "confusion_repeat_1": {k: per_repeat[0][k] for k in ("tn", "fp", "fn", "tp")},
