@@ -35,7 +35,7 @@ def _lohi(d: dict[str, Any], pct: bool = False) -> str:
 
 def summary_md(a: dict[str, Any]) -> str:
     c = a["chosen"]
-    t = a["triage"][c][TARGET]
+    t, b = a["triage"][c][TARGET], a["triage"][c][BALANCED]
     iv = a["uncertainty"]["models"][c]
     pct = round(100 * a["target_sensitivity"])
     lines = [
@@ -46,7 +46,9 @@ def summary_md(a: dict[str, Any]) -> str:
         f"(95% interval {_lohi(iv[TARGET + '.avoided_per_100'], pct=True)}), "
         f"**{t['missed_per_100']:.1f} malignant cases missed** (95% interval "
         f"{_lohi(iv[TARGET + '.missed_per_100'], pct=True)}); achieved "
-        f"sensitivity {_iv(iv[TARGET + '.sensitivity'])}.", "",
+        f"sensitivity {_iv(iv[TARGET + '.sensitivity'])}. The trade: at the model's balanced "
+        f"threshold, {b['avoided_per_100']:.0f} cytometries avoided but "
+        f"{b['missed_per_100']:.1f} malignant cases missed per 100 patients.", "",
         a["sentence"], "",
         f"Intervals: {a['uncertainty']['method']} ({a['uncertainty']['n_boot']} samples of the "
         f"{a['uncertainty']['n_patients']} patients; thresholds kept as the folds chose them).",

@@ -93,8 +93,8 @@ def _label(v: int | None) -> str:
 
 def patient_table(rows: list[dict[str, Any]], target: float) -> str:
     pct = round(100 * target)
-    head = ["id", "label", "P(malignant)", "source", f"triage at {pct}% sens.",
-            "balanced threshold", "triage correct", "lymph count x10^9/L", "age", "cells"]
+    head = ["id", "label", "P(malignant)", "source", f"triage at {pct}% sensitivity",
+            "prediction at balanced threshold", "triage correct", "lymph count x10^9/L", "age", "cells"]
     out = ['<table id="patients"><thead><tr>' + "".join(f"<th>{_h.escape(h)}</th>" for h in head)
            + "</tr></thead><tbody>"]
     for r in rows:
@@ -106,7 +106,7 @@ def patient_table(rows: list[dict[str, Any]], target: float) -> str:
             + _cell(r["label"], _label(r["label"]))
             + _cell(None if p is None else f"{p:.4f}", "–" if p is None else f"{p:.3f}")
             + _cell(r["source"], r["source"] or "not scored")
-            + _cell(r["triage"], "–" if r["triage"] is None else _label(r["triage"]))
+            + _cell(r["triage"], {1: "cytometry", 0: "no cytometry"}.get(r["triage"], "–"))
             + _cell(r["balanced"], "–" if r["balanced"] is None else _label(r["balanced"]))
             + _cell(r["correct"], {1: "yes", 0: "no"}.get(r["correct"], "–"))
             + _cell(r["lymph_count"], "–" if r["lymph_count"] is None else f"{r['lymph_count']:.1f}")
@@ -154,8 +154,9 @@ def galleries(out: Path, a: dict[str, Any], store: Any, result: Any, cache: Any,
             origin = "store order (no model scored this patient)"
         p = r["probability"]
         decision = "not scored" if p is None else (
-            f"P(malignant) {p:.3f} ({r['source']}); triage: {_label(r['triage'])}; "
-            f"balanced threshold: {_label(r['balanced'])}")
+            f"P(malignant) {p:.3f} ({r['source']}); triage: "
+            f"{ {1: 'cytometry', 0: 'no cytometry'}.get(r['triage'], '–') }; "
+            f"prediction at the balanced threshold: {_label(r['balanced'])}")
         path = out / "assets" / "cells" / f"{_safe(pid)}.jpg"
         try:
             shown = _gallery_image(store, i, w, source, wname, path)
