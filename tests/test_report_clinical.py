@@ -42,7 +42,10 @@ def test_sensitivity_threshold_is_the_highest_reaching_target() -> None:
     t = triage.sensitivity_threshold(y, p, 0.9)
     assert np.mean(p[y == 1] >= t) >= 0.9
     above = np.unique(p[p > t])
-    assert above.size == 0 or np.mean(p[y == 1] >= above[0]) < 0.9  # next one up misses it
+    assert np.mean(p[y == 1] >= above[0]) >= 0.9  # the lowest score sent reaches it ...
+    assert np.mean(p[y == 1] >= above[1]) < 0.9  # ... and the next score up misses it
+    below = np.unique(p[p < t])
+    assert t == pytest.approx((above[0] + below[-1]) / 2)  # halfway between the two scores
 
 
 def test_fold_threshold_never_sees_its_test_patients() -> None:

@@ -5,7 +5,8 @@ how many flow cytometries would the model save? Two operating points per model:
 
 - **target sensitivity** (``--target-sensitivity``, default 0.95): for fold ``k`` of repeat
   ``r`` the threshold is the highest one that reaches the target sensitivity on the
-  *training* patients of that fold, using their out-of-fold probabilities of the same repeat
+  *training* patients of that fold (moved halfway to the next lower score, see
+  :func:`sensitivity_threshold`), using their out-of-fold probabilities of the same repeat
   (each scored by a fold model that did not see it). Fold ``k``'s own patients never enter
   the choice; they are then scored at that threshold. This is what a user does with a
   model trained on the whole cohort: set the threshold on its out-of-fold predictions, apply
@@ -42,8 +43,11 @@ def check_target(target: Any, name: str = "--target-sensitivity") -> float:
 
 
 def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
-    """The highest threshold ``t`` with sensitivity of ``p >= t`` at least ``target`` on
-    ``(y, p)`` (``sklearn.metrics.roc_curve`` with every threshold kept)."""
+    """A threshold ``t`` whose sensitivity of ``p >= t`` on ``(y, p)`` is at least ``target``,
+    calling as few patients malignant as possible: the highest such score
+    (``sklearn.metrics.roc_curve`` with every threshold kept), moved halfway down to the next
+    lower score, so that it splits these patients the same way with a margin on each side
+    (new patients scoring just below the last one sent are sent too)."""
     from sklearn.metrics import roc_curve
 
     y, p = np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.float64)
@@ -52,8 +56,9 @@ def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
     if y.sum() == 0:
         return 1.0
     _, tpr, thr = roc_curve(y, p, drop_intermediate=False)
-    hit = np.flatnonzero(tpr >= target - 1e-12)
-    return float(min(thr[hit[0]], 1.0))
+    k = int(np.flatnonzero(tpr >= target - 1e-12)[0])
+    t = float(min(thr[k], 1.0))
+    return t if k + 1 >= thr.size else float((t + thr[k + 1]) / 2)
 
 
 def fold_thresholds(cv: Any, target: float) -> np.ndarray:
