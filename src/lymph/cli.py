@@ -456,7 +456,7 @@ def demo(
     artifacts: Annotated[Path, typer.Option(help="Where the demo's stage outputs go.")] = Path("artifacts"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value.")] = None,
 ) -> None:
-    """Make a small synthetic dataset and run the demo pipeline on it (about 30 s on two CPU cores)."""
+    """Make a small synthetic dataset and run the demo pipeline on it (about half a minute on two CPU cores)."""
     from lymph.pipeline.config import DEMO
     from lymph.pipeline.run import run_pipeline
 
