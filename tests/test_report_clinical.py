@@ -229,3 +229,13 @@ def test_fit_head_without_out_says_nothing_saved_and_predict_says_in_sample(tmp_
                                  "--out", str(tmp_path / "p.csv")])
     assert r.exit_code == 0, r.output
     assert "24 of 24 patients are the model's training patients" in r.output and "in-sample" in r.output
+
+
+def test_report_without_a_clinical_only_model(morph_store: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["compare-baselines", "--store", str(morph_store), "--folds", "3",
+                                 "--models", "late-fusion", "--out", str(tmp_path / "r"),
+                                 "--no-montages"])
+    assert r.exit_code == 0, r.output
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "no clinical-only model in this comparison" in md
+    assert "No clinical-only model: no paired difference." in md

@@ -38,9 +38,10 @@ def summary_md(a: dict[str, Any]) -> str:
     t, b = a["triage"][c][TARGET], a["triage"][c][BALANCED]
     iv = a["uncertainty"]["models"][c]
     pct = round(100 * a["target_sensitivity"])
+    versus = (f"compared with the best clinical-only model **{a['clinical_only']}**"
+              if a["clinical_only"] else "no clinical-only model in this comparison")
     lines = [
-        f"**Chosen model: {c}**, {a['chosen_rule']}; compared with the best clinical-only "
-        f"model **{a['clinical_only']}**.", "",
+        f"**Chosen model: {c}**, {a['chosen_rule']}; {versus}.", "",
         f"At a threshold set for {pct}% sensitivity (chosen inside each training fold), out of "
         f"fold, per 100 patients: **{t['avoided_per_100']:.0f} cytometries avoided** "
         f"(95% interval {_lohi(iv[TARGET + '.avoided_per_100'], pct=True)}), "
