@@ -94,6 +94,23 @@ def test_bootstrap_intervals_and_paired_difference() -> None:
     assert "add measurably" in uncertainty.plain_sentence(r1["difference"], True)
 
 
+def test_bootstrap_auc_equals_sklearn_with_sample_weights() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    y, p = _data(60)
+    p = np.round(p, 1)  # ties count half, as in sklearn
+    W = np.random.default_rng(3).multinomial(60, np.full(60, 1 / 60), size=20).astype(float)
+    got = uncertainty.weighted_auc(W, y, p)
+    want = [roc_auc_score(y, p, sample_weight=w) for w in W]
+    assert np.allclose(got, want)
+    old = uncertainty.MAX_PAIRS
+    try:
+        uncertainty.MAX_PAIRS = 0  # the large-cohort path: sklearn per sample
+        assert np.allclose(uncertainty.weighted_auc(W, y, p), want)
+    finally:
+        uncertainty.MAX_PAIRS = old
+
+
 def test_calibration_slope_intercept_and_refit_in_folds() -> None:
     rng = np.random.default_rng(0)
     p = rng.uniform(0.02, 0.98, 4000)
@@ -115,6 +132,11 @@ def test_decision_curve_perfect_model_and_treat_all() -> None:
     assert np.allclose(dc["models"]["perfect"], 0.3)  # net benefit = prevalence
     t = np.asarray(dc["thresholds"])
     assert np.allclose(dc["treat_all"], 0.3 - 0.7 * t / (1 - t))
+    y2, p2 = _data()  # a real model: the counts agree with sklearn's confusion matrix
+    nb = decision.net_benefit(y2, p2)
+    for j in (4, 29, 69):
+        c = triage.counts(y2, (p2 >= t[j]).astype(int))
+        assert nb[j] == pytest.approx((c["tp"] - c["fp"] * t[j] / (1 - t[j])) / y2.size)
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ malignancy above which a clinician would send the patient), a strategy's net ben
 
 the malignant patients correctly sent, less the reactive patients sent needlessly, weighted
 by the harm ratio the threshold implies. Strategies: each model (send when its out-of-fold
-P(malignant) >= pt), treat-all (send everyone) and treat-none (net benefit 0). Counts come
-from ``sklearn.metrics.confusion_matrix``; per repeat, averaged over repeats.
+P(malignant) >= pt), treat-all (send everyone) and treat-none (net benefit 0). The counts
+are taken for all thresholds at once (a test checks them against
+``sklearn.metrics.confusion_matrix``); per repeat, averaged over repeats.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from lymph.atomic import atomic_path
-from lymph.report.triage import counts
 
 #: threshold probabilities of the curve
 THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
@@ -29,12 +29,10 @@ THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
 def net_benefit(y: np.ndarray, p: np.ndarray, pts: np.ndarray = THRESHOLDS) -> np.ndarray:
     """Net benefit of ``p >= pt`` for each ``pt``."""
     y = np.asarray(y, dtype=np.int64)
-    n = y.size
-    out = np.empty(len(pts))
-    for j, pt in enumerate(pts):
-        c = counts(y, (p >= pt).astype(np.int64))
-        out[j] = c["tp"] / n - c["fp"] / n * pt / (1 - pt)
-    return out
+    pts = np.asarray(pts, dtype=np.float64)
+    sent = np.asarray(p)[None, :] >= pts[:, None]  # (thresholds, patients)
+    tp, fp = (sent & (y == 1)).sum(axis=1), (sent & (y == 0)).sum(axis=1)
+    return tp / y.size - fp / y.size * pts / (1 - pts)
 
 
 def decision_curve(y_all: np.ndarray, scored: np.ndarray, oof: dict[str, np.ndarray],
