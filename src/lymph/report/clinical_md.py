@@ -62,7 +62,8 @@ def triage_md(a: dict[str, Any]) -> str:
     names = list(a["triage"])
     out = [f"Two thresholds, each chosen inside every training fold and applied to that fold's "
            f"unseen patients: **target sensitivity** (the highest threshold reaching {pct}% "
-           "sensitivity on the training patients' out-of-fold probabilities; "
+           "sensitivity on the training patients' out-of-fold probabilities, set halfway to "
+           "the next lower score; "
            "`--target-sensitivity`) and **balanced** (the model's own threshold, maximum "
            "balanced accuracy on its inner validation split). Figures: out of fold, mean over "
            f"{a['repeats']} repeat(s), 95% interval in brackets.", "",
