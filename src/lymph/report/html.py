@@ -19,7 +19,8 @@ import numpy as np
 
 from lymph.atomic import atomic_path, write_text_atomic
 
-GALLERY_CELLS = 32
+GALLERY_CELLS = 40
+GALLERY_COLS = 10
 TILE = 96
 
 _CSS = """
@@ -32,7 +33,7 @@ h2{border-bottom:2px solid #24364b;padding-bottom:3px;margin-top:34px}
 table{border-collapse:collapse;margin:8px 0;font-size:13px;background:#fff}
 th,td{border:1px solid #cfd6de;padding:3px 8px;text-align:left}
 th{background:#eef2f6}
-img{max-width:100%}
+img{max-width:100%;height:auto}
 .summary{background:#fff;border-left:5px solid #2b7bb9;padding:6px 16px;margin:12px 0}
 #patients th{cursor:pointer;user-select:none}#patients th:hover{background:#dbe5ef}
 #patients th.asc::after{content:" \\25B2"}#patients th.desc::after{content:" \\25BC"}
@@ -117,8 +118,9 @@ def patient_table(rows: list[dict[str, Any]], target: float) -> str:
 
 
 def _gallery_image(store: Any, row: int, weights: np.ndarray | None, source: Any,
-                   wname: str, path: Path) -> int:
-    """One sheet of the patient's cells, highest weight first; returns the cells shown."""
+                   wname: str, path: Path) -> tuple[int, tuple[int, int]]:
+    """One sheet of the patient's cells, highest weight first; returns the cells shown and
+    the image size (written into the page, so that the layout does not move as it loads)."""
     from lymph.report.montage import montage_image
 
     cells = source.read_bag(row)
@@ -126,10 +128,10 @@ def _gallery_image(store: Any, row: int, weights: np.ndarray | None, source: Any
     order = np.arange(n) if weights is None else np.argsort(-np.asarray(weights), kind="stable")
     order = order[:GALLERY_CELLS]
     caps = [f"#{j}" if weights is None else f"#{j}: {weights[j]:.3g}" for j in order]
-    img = montage_image([cells[j] for j in order], caps, [], ncols=8, tile=TILE)
+    img = montage_image([cells[j] for j in order], caps, [], ncols=GALLERY_COLS, tile=TILE)
     with atomic_path(path) as tmp:
         img.convert("RGB").save(tmp, format="JPEG", quality=85)
-    return len(order)
+    return len(order), img.size
 
 
 def galleries(out: Path, a: dict[str, Any], store: Any, result: Any, cache: Any,
@@ -159,9 +161,9 @@ def galleries(out: Path, a: dict[str, Any], store: Any, result: Any, cache: Any,
             f"prediction at the balanced threshold: {_label(r['balanced'])}")
         path = out / "assets" / "cells" / f"{_safe(pid)}.jpg"
         try:
-            shown = _gallery_image(store, i, w, source, wname, path)
-            img = (f'<img loading="lazy" src="assets/cells/{_safe(pid)}.jpg" '
-                   f'alt="cells of {_h.escape(pid)}">')
+            shown, (wd, ht) = _gallery_image(store, i, w, source, wname, path)
+            img = (f'<img loading="lazy" src="assets/cells/{_safe(pid)}.jpg" width="{wd}" '
+                   f'height="{ht}" alt="cells of {_h.escape(pid)}">')
             paths.append(path)
             note = (f"{shown} of {r['cells']} cells, ordered by {origin}, highest first "
                     f"(caption: cell index in the patient's folder order: {'score' if wname == 'score' else 'weight'}).")
@@ -179,9 +181,12 @@ def write_html(out: Path, a: dict[str, Any], intro: str, sections: list[tuple[st
     """Write ``report.html`` and ``assets/``; returns ``{"html": path}``."""
     gal, _ = galleries(out, a, store, result, cache, predictions)
     ids = {t: "s-" + re.sub(r"[^a-z0-9]+", "-", t.lower()).strip("-") for t, _ in sections}
+    # the clinical sections, the patient table, the model comparison; the (long) cell
+    # galleries last, so that every other section is reached without scrolling past them
     nav = "".join(f'<a href="#{ids[t]}">{_h.escape(t)}</a>' for t, _ in sections[:7])
-    nav += '<a href="#s-patients">Patients</a><a href="#s-cells">Cells</a>'
+    nav += '<a href="#s-patients">Patients</a>'
     nav += "".join(f'<a href="#{ids[t]}">{_h.escape(t)}</a>' for t, _ in sections[7:])
+    nav += '<a href="#s-cells">Cells per patient</a>'
     body = []
     for t, md in sections:
         cls = ' class="summary"' if t == "Summary" else ""
@@ -192,7 +197,7 @@ def write_html(out: Path, a: dict[str, Any], intro: str, sections: list[tuple[st
                         "a column header to sort, an id to see the patient's cells. Rows in red: "
                         "the triage decision was wrong.</p>"
                         + patient_table(a["patients"], a["target_sensitivity"]))
-            body.append('<h2 id="s-cells">Cells per patient</h2><div class="gallery">' + gal + "</div>")
+    body.append('<h2 id="s-cells">Cells per patient</h2><div class="gallery">' + gal + "</div>")
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>lymph triage report: {_h.escape(a['chosen'])}</title>"
