@@ -19,6 +19,8 @@ import numpy as np
 
 from lymph.atomic import atomic_path, write_text_atomic
 
+#: the triage decision in words (1: predicted malignant, so sent to cytometry)
+_TRIAGE = {1: "cytometry", 0: "no cytometry"}
 GALLERY_CELLS = 40
 GALLERY_COLS = 10
 TILE = 96
@@ -107,7 +109,7 @@ def patient_table(rows: list[dict[str, Any]], target: float) -> str:
             + _cell(r["label"], _label(r["label"]))
             + _cell(None if p is None else f"{p:.4f}", "–" if p is None else f"{p:.3f}")
             + _cell(r["source"], r["source"] or "not scored")
-            + _cell(r["triage"], {1: "cytometry", 0: "no cytometry"}.get(r["triage"], "–"))
+            + _cell(r["triage"], _TRIAGE.get(r["triage"], "–"))
             + _cell(r["balanced"], "–" if r["balanced"] is None else _label(r["balanced"]))
             + _cell(r["correct"], {1: "yes", 0: "no"}.get(r["correct"], "–"))
             + _cell(r["lymph_count"], "–" if r["lymph_count"] is None else f"{r['lymph_count']:.1f}")
@@ -135,7 +137,8 @@ def _gallery_image(store: Any, row: int, weights: np.ndarray | None, source: Any
 
 
 def galleries(out: Path, a: dict[str, Any], store: Any, result: Any, cache: Any,
-              predictions: dict[str, Any] | None) -> tuple[str, list[Path]]:
+              predictions: dict[str, Any] | None, pixels: bool = True) -> tuple[str, list[Path]]:
+    """Per patient: a heading, the decision, and (with ``pixels``) the sheet of its cells."""
     from lymph.errors import LymphError
     from lymph.report.markdown import cell_weights
     from lymph.report.montage import PixelSource
@@ -156,19 +159,22 @@ def galleries(out: Path, a: dict[str, Any], store: Any, result: Any, cache: Any,
             origin = "store order (no model scored this patient)"
         p = r["probability"]
         decision = "not scored" if p is None else (
-            f"P(malignant) {p:.3f} ({r['source']}); triage: "
-            f"{ {1: 'cytometry', 0: 'no cytometry'}.get(r['triage'], '–') }; "
+            f"P(malignant) {p:.3f} ({r['source']}); triage: {_TRIAGE.get(r['triage'], '–')}; "
             f"prediction at the balanced threshold: {_label(r['balanced'])}")
         path = out / "assets" / "cells" / f"{_safe(pid)}.jpg"
-        try:
-            shown, (wd, ht) = _gallery_image(store, i, w, source, wname, path)
-            img = (f'<img loading="lazy" src="assets/cells/{_safe(pid)}.jpg" width="{wd}" '
-                   f'height="{ht}" alt="cells of {_h.escape(pid)}">')
-            paths.append(path)
-            note = (f"{shown} of {r['cells']} cells, ordered by {origin}, highest first "
-                    f"(caption: cell index in the patient's folder order: {'score' if wname == 'score' else 'weight'}).")
-        except LymphError as e:
-            img, note = "", f"no cell images: {e}"
+        if not pixels:
+            img, note = "", "cell images not requested (--no-montages)"
+        else:
+            try:
+                shown, (wd, ht) = _gallery_image(store, i, w, source, wname, path)
+                img = (f'<img loading="lazy" src="assets/cells/{_safe(pid)}.jpg" width="{wd}" '
+                       f'height="{ht}" alt="cells of {_h.escape(pid)}">')
+                paths.append(path)
+                note = (f"{shown} of {r['cells']} cells, ordered by {origin}, highest first "
+                        f"(caption: cell index in the patient's folder order: "
+                        f"{'score' if wname == 'score' else 'weight'}).")
+            except LymphError as e:
+                img, note = "", f"no cell images: {e}"
         parts.append(f'<section id="p-{_safe(pid)}"><h3>{_h.escape(pid)}: '
                      f'{_h.escape(_label(r["label"]))}</h3><p>{_h.escape(decision)}</p>'
                      f'<p class="muted">{_h.escape(note)}</p>{img}</section>')
@@ -177,9 +183,9 @@ def galleries(out: Path, a: dict[str, Any], store: Any, result: Any, cache: Any,
 
 def write_html(out: Path, a: dict[str, Any], intro: str, sections: list[tuple[str, str]],
                store: Any, result: Any, *, cache: Any = None,
-               predictions: dict[str, Any] | None = None) -> dict[str, Path]:
+               predictions: dict[str, Any] | None = None, pixels: bool = True) -> dict[str, Path]:
     """Write ``report.html`` and ``assets/``; returns ``{"html": path}``."""
-    gal, _ = galleries(out, a, store, result, cache, predictions)
+    gal, _ = galleries(out, a, store, result, cache, predictions, pixels)
     ids = {t: "s-" + re.sub(r"[^a-z0-9]+", "-", t.lower()).strip("-") for t, _ in sections}
     # the clinical sections, the patient table, the model comparison; the (long) cell
     # galleries last, so that every other section is reached without scrolling past them

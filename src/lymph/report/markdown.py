@@ -250,5 +250,5 @@ def write_report(result: Any, store: Any, out_dir: str | os.PathLike[str], *, ca
         from lymph.report.html import write_html
 
         files.update(write_html(out, a, intro, sections, store, result, cache=cache,
-                                      predictions=predictions))
+                                predictions=predictions, pixels=montages))
     return files
