@@ -320,12 +320,12 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
         st = make_stage(root, "compare", settings, [embed_fp, head_fp])
 
         def do_compare(folder: Path) -> dict[str, Any]:
-            from lymph.compare import MODEL_NAMES, default_models, run_compare
+            from lymph.compare import default_models, run_compare
             from lymph.store import open_store
 
-            pick = chosen if chosen in default_models(open_store(store_path))[0] else None
-
-            n_models = len(MODEL_NAMES)
+            specs = default_models(open_store(store_path))[0]  # what this store can run
+            pick = chosen if chosen in specs else None
+            n_models = len(specs)
             with _bar("compare-baselines", n_models * c["folds"] * c["repeats"], progress) as step:
                 count = {"n": 0}
 
