@@ -204,7 +204,7 @@ def test_bad_target_sensitivity_is_one_error_line(morph_store: Path) -> None:
 
 
 def test_ls_says_placeholders_in_words() -> None:
-    from lymph.pipeline.run import describe_settings
+    from lymph.pipeline.listing import describe_settings
 
     s = describe_settings({"method": "ae", "dim": 0, "lr": 0.0, "seed": 0, "crop": None})
     assert "lr=default" in s and "dim=default" in s and "crop=none" in s and "seed=0" in s

@@ -439,7 +439,7 @@ def ls(
     from rich.console import Console
     from rich.table import Table
 
-    from lymph.pipeline.run import ls_rows
+    from lymph.pipeline.listing import ls_rows
 
     table = Table(title=f"cached stages in {artifacts}")
     for c in ("stage", "fingerprint", "size", "seconds", "data", "settings"):
