@@ -1,12 +1,18 @@
-"""The run report of ``lymph compare-baselines --out DIR``.
+"""The run report of ``lymph compare-baselines --out DIR`` (and of ``lymph run`` / ``demo``).
 
-``DIR`` receives (each file written atomically):
+``DIR`` receives (each file written atomically; what each section means: docs/report.md):
 
-- ``report.md``: opens with the ROC and PR curves, then the table (mean +- std over folds,
-  sorted by balanced accuracy), the paired comparison against the best clinical-only model,
-  and montages of the patients the attention model misclassified out of fold (repeat 1);
-- ``roc.png``, ``pr.png`` (see :mod:`lymph.report.plots`);
-- ``misclassified/ID.png``: each misclassified patient's highest- and lowest-attention cells;
+- ``report.md``: summary (the triage trade with 95% intervals and one plain sentence on
+  what images add), cohort, triage operating points, the paired difference chosen model
+  minus clinical-only, calibration, decision curve, what drives the chosen model (all from
+  :func:`lymph.report.analysis.analyse`), then the comparison table with ROC and PR curves,
+  the per-fold paired comparison, and montages of the chosen model's out-of-fold errors;
+- ``report.html`` and ``assets/``: the same report to browse, with the patient table and each
+  patient's cells (:mod:`lymph.report.html`);
+- ``report.json``: every figure of the report;
+- ``roc.png``, ``pr.png`` (:mod:`lymph.report.plots`), ``reliability.png``,
+  ``decision.png``;
+- ``misclassified/ID.png``: each misclassified patient's highest- and lowest-weight cells;
 - ``oof.csv``: ``model,id,label,repeat,fold,probability,threshold,predicted``;
 - ``comparison.json``: settings, rows, paired comparisons, the folds' test patients.
 """
