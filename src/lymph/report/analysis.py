@@ -113,7 +113,9 @@ def analyse(result: Any, store: Any, *, chosen: str | None = None, target: float
     unc = bootstrap(labels[scored0].astype(np.int64), boot_in, pair, n_boot=n_boot,
                     seed=result.seed)
     scored = m_c.cv.oof_fold >= 0
-    dc = decision_curve(labels, scored, {m.name: m.cv.oof for m in models})
+    curves = {m.name: m.cv.oof for m in models}
+    curves[f"{m_c.name}, recalibrated in folds"] = cal[m_c.name]["recalibrated"]
+    dc = decision_curve(labels, scored, curves)
     a: dict[str, Any] = {
         "chosen": m_c.name, "chosen_rule": rule, "chosen_inputs": m_c.spec.inputs,
         "clinical_only": None if m_k is None else m_k.name,

@@ -10,7 +10,9 @@ how many flow cytometries would the model save? Two operating points per model:
   (each scored by a fold model that did not see it). Fold ``k``'s own patients never enter
   the choice; they are then scored at that threshold. This is what a user does with a
   model trained on the whole cohort: set the threshold on its out-of-fold predictions, apply
-  it to new patients.
+  it to new patients. (The other folds' models had fold ``k`` among their training
+  patients, so the choice is not fully nested; no probability or label of fold ``k`` enters
+  it directly. A nested choice would cost ``k`` inner fits per fold.)
 - **balanced**: the estimator's own threshold (maximum balanced accuracy on its inner
   validation split, chosen inside each training fold by the model itself).
 
