@@ -44,9 +44,9 @@ def in_sample_note(ids: list[str], train: set[str] | None, what: str) -> str | N
     if not hit:
         return None
     if len(ids) == 1:
-        return (f"note: {hit[0]} is one of the model's training patients: this {what} is "
-                "in-sample (optimistic); its out-of-fold probability is in the report / "
-                "fit-head --oof")
-    return (f"note: {len(hit)} of {len(ids)} patients are the model's training patients: their "
-            f"{what} is in-sample (optimistic); their out-of-fold probabilities are in the "
-            "report / fit-head --oof")
+        return (f"note: {hit[0]} is one of the model's training patients (same id): this "
+                f"{what} is in-sample (optimistic); its out-of-fold probability is in the "
+                "report / fit-head --oof")
+    return (f"note: {len(hit)} of {len(ids)} patients are the model's training patients (same "
+            f"ids): their {what} is in-sample (optimistic); their out-of-fold probabilities "
+            "are in the report / fit-head --oof")
