@@ -157,6 +157,7 @@ def test_report_json_reproducible_from_oof_csv(morph_store: Path, synth_cache: P
                                  "--models", "logistic,late-fusion", "--out", str(out),
                                  "--images", str(synth_cache), "--target-sensitivity", "0.9"])
     assert r.exit_code == 0, r.output
+    assert "cytometries avoided" in r.output  # the answer on the terminal too
     rep = json.loads((out / "report.json").read_text())
     cmp = json.loads((out / "comparison.json").read_text())
     assert rep["chosen"] == "late-fusion" and rep["clinical_only"] == "logistic"

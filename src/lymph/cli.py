@@ -341,6 +341,11 @@ def compare_baselines(
                                    folds_from_store=folds_from_store, chosen=chosen,
                                    target_sensitivity=target_sensitivity)
     print_comparison(res)
+    if "report_json" in outputs:
+        from lymph.report.clinical_md import terminal_summary
+
+        for line in terminal_summary(outputs["report_json"]):
+            typer.echo(line)
     for note in res.notes:
         typer.echo(f"note: {note}")
     for name, path in outputs.items():
@@ -385,6 +390,11 @@ def _print_run(res: Any, artifacts: Path) -> None:
     if res.comparison is not None:
         print_comparison(res.comparison)
     for st in res.stages:
+        if st.name == "compare" and "report" in st.outputs:
+            from lymph.report.clinical_md import terminal_summary
+
+            for line in terminal_summary(Path(st.outputs["report"]).with_name("report.json")):
+                typer.echo(line)
         if st.name == "compare":
             for key in ("report", "html", "predictions", "submission"):
                 if key in st.outputs:

@@ -145,3 +145,24 @@ def drivers_md(a: dict[str, Any]) -> str:
 
     d = a["drivers"]
     return coefficients_md(d["coefficients"], d["model"]) + "\n\n" + measurements_md(d["measurements"])
+
+
+def terminal_summary(report_json: Any) -> list[str]:
+    """The report's answer in two lines for the terminal, from ``report.json`` (a path);
+    empty when the file is missing (a report written by an older version)."""
+    import json
+    from pathlib import Path
+
+    path = Path(report_json)
+    if not path.is_file():
+        return []
+    a = json.loads(path.read_text(encoding="utf-8"))
+    c = a["chosen"]
+    t = a["triage"][c][TARGET]
+    iv = a["uncertainty"]["models"][c]
+    pct = round(100 * a["target_sensitivity"])
+    return [f"triage ({c}, threshold for {pct}% sensitivity chosen in the training folds): per "
+            f"100 patients {t['avoided_per_100']:.0f} cytometries avoided (95% interval "
+            f"{_lohi(iv[TARGET + '.avoided_per_100'], pct=True)}), {t['missed_per_100']:.1f} "
+            f"malignant missed ({_lohi(iv[TARGET + '.missed_per_100'], pct=True)})",
+            a["sentence"]]
