@@ -42,17 +42,17 @@ def summary_md(a: dict[str, Any]) -> str:
               if a["clinical_only"] else "no clinical-only model in this comparison")
     lines = [
         f"**Chosen model: {c}**, {a['chosen_rule']}; {versus}.", "",
-        f"At a threshold set for {pct}% sensitivity (chosen inside each training fold), out of "
+        (f"At a threshold set for {pct}% sensitivity (chosen inside each training fold), out of "
         f"fold, per 100 patients: **{t['avoided_per_100']:.0f} cytometries avoided** "
         f"(95% interval {_lohi(iv[TARGET + '.avoided_per_100'], pct=True)}), "
         f"**{t['missed_per_100']:.1f} malignant cases missed** (95% interval "
         f"{_lohi(iv[TARGET + '.missed_per_100'], pct=True)}); achieved "
         f"sensitivity {_iv(iv[TARGET + '.sensitivity'])}. The trade: at the model's balanced "
         f"threshold, {b['avoided_per_100']:.0f} cytometries avoided but "
-        f"{b['missed_per_100']:.1f} malignant cases missed per 100 patients.", "",
+        f"{b['missed_per_100']:.1f} malignant cases missed per 100 patients."), "",
         a["sentence"], "",
-        f"Intervals: {a['uncertainty']['method']} ({a['uncertainty']['n_boot']} samples of the "
-        f"{a['uncertainty']['n_patients']} patients; thresholds kept as the folds chose them).",
+        (f"Intervals: {a['uncertainty']['method']} ({a['uncertainty']['n_boot']} samples of the "
+        f"{a['uncertainty']['n_patients']} patients; thresholds kept as the folds chose them)."),
     ]
     return "\n".join(lines)
 
@@ -60,13 +60,13 @@ def summary_md(a: dict[str, Any]) -> str:
 def triage_md(a: dict[str, Any]) -> str:
     pct = round(100 * a["target_sensitivity"])
     names = list(a["triage"])
-    out = [f"Two thresholds, each chosen inside every training fold and applied to that fold's "
+    out = [(f"Two thresholds, each chosen inside every training fold and applied to that fold's "
            f"unseen patients: **target sensitivity** (the highest threshold reaching {pct}% "
            "sensitivity on the training patients' out-of-fold probabilities, set halfway to "
            "the next lower score; "
            "`--target-sensitivity`) and **balanced** (the model's own threshold, maximum "
            "balanced accuracy on its inner validation split). Figures: out of fold, mean over "
-           f"{a['repeats']} repeat(s), 95% interval in brackets.", "",
+           f"{a['repeats']} repeat(s), 95% interval in brackets."), "",
            "| figure | " + " | ".join(f"{n}: {OP_TITLE[op]}" for n in names for op in (TARGET, BALANCED)) + " |",
            "|---|" + "---|" * (2 * len(names))]
     unc = a["uncertainty"]["models"]
@@ -79,8 +79,8 @@ def triage_md(a: dict[str, Any]) -> str:
     thr = [f"{a['triage'][n][op]['threshold_mean']:.3f}" for n in names for op in (TARGET, BALANCED)]
     out.append("| threshold (mean over folds) | " + " | ".join(thr) + " |")
     out += ["", "Confusion matrices (repeat 1, in patients):", "",
-            "| model, threshold | reactive, no cytometry | reactive, sent to cytometry | "
-            "malignant, no cytometry (missed) | malignant, sent to cytometry |",
+            ("| model, threshold | reactive, no cytometry | reactive, sent to cytometry | "
+            "malignant, no cytometry (missed) | malignant, sent to cytometry |"),
             "|---|---|---|---|---|"]
     for n in names:
         for op in (TARGET, BALANCED):
@@ -94,8 +94,8 @@ def difference_md(a: dict[str, Any]) -> str:
     if not d:
         return "_No clinical-only model: no paired difference._"
     f = d["figures"]
-    out = [f"Paired difference **{d['model']} minus {d['baseline']}** on the same patients and "
-           "folds (same bootstrap samples for both, 95% interval):", "",
+    out = [(f"Paired difference **{d['model']} minus {d['baseline']}** on the same patients and "
+           "folds (same bootstrap samples for both, 95% interval):"), "",
            "| figure | difference (95% interval) |", "|---|---|"]
     for key, title, pct in (("roc_auc", "ROC AUC", False), ("brier", "Brier score (lower is better)", False),
                             (f"{TARGET}.sensitivity", "sensitivity at target", False),
@@ -109,8 +109,8 @@ def difference_md(a: dict[str, Any]) -> str:
 
 
 def calibration_md(a: dict[str, Any]) -> str:
-    out = ["| model | Brier before | Brier after | slope before | slope after | intercept before | "
-           "intercept after |", "|---|---|---|---|---|---|---|"]
+    out = [("| model | Brier before | Brier after | slope before | slope after | intercept before | "
+           "intercept after |"), "|---|---|---|---|---|---|---|"]
     for n, c in a["calibration"].items():
         b, f = c["before"], c["after"]
         out.append(f"| {n} | {b['brier']:.3f} | {f['brier']:.3f} | {b['slope']:.2f} | "
@@ -161,8 +161,8 @@ def terminal_summary(report_json: Any) -> list[str]:
     t = a["triage"][c][TARGET]
     iv = a["uncertainty"]["models"][c]
     pct = round(100 * a["target_sensitivity"])
-    return [f"triage ({c}, threshold for {pct}% sensitivity chosen in the training folds): per "
+    return [(f"triage ({c}, threshold for {pct}% sensitivity chosen in the training folds): per "
             f"100 patients {t['avoided_per_100']:.0f} cytometries avoided (95% interval "
             f"{_lohi(iv[TARGET + '.avoided_per_100'], pct=True)}), {t['missed_per_100']:.1f} "
-            f"malignant missed ({_lohi(iv[TARGET + '.missed_per_100'], pct=True)})",
+            f"malignant missed ({_lohi(iv[TARGET + '.missed_per_100'], pct=True)})"),
             a["sentence"]]

@@ -65,8 +65,8 @@ def cohort_md(c: dict[str, Any]) -> str:
         return f"{s['median']:.{nd}f} ({s['low']:.{nd}f}–{s['high']:.{nd}f})"
 
     lines = [f"{c['n_patients']} patients, {c['n_images']} cell images.", "",
-             "| group | patients | images per patient, median (range) | age, median (IQR) | "
-             "lymphocyte count x10^9/L, median (IQR) | male |", "|---|---|---|---|---|---|"]
+             ("| group | patients | images per patient, median (range) | age, median (IQR) | "
+             "lymphocyte count x10^9/L, median (IQR) | male |"), "|---|---|---|---|---|---|"]
     for name, g in c["groups"].items():
         male = f"{100 * g['male_fraction']:.0f}%" if "male_fraction" in g else "–"
         lines.append(f"| {name} | {g['patients']} | {fmt(g['images'])} | {fmt(g.get('age'))} | "

@@ -77,8 +77,8 @@ def measurement_table(store: Any, scored: np.ndarray, cell_scores: dict[str, np.
 def coefficients_md(rows: list[dict[str, Any]], model: str) -> str:
     if not rows:
         return f"_{model} exposes no coefficients._"
-    out = [f"Standardised coefficients of **{model}** as fitted in each of the {rows[0]['folds']} "
-           "training folds (change in log-odds of malignancy per standard deviation):", "",
+    out = [(f"Standardised coefficients of **{model}** as fitted in each of the {rows[0]['folds']} "
+           "training folds (change in log-odds of malignancy per standard deviation):"), "",
            "| input | mean | std across folds | folds with the same sign |", "|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['input']} | {r['mean']:+.2f} | {r['std']:.2f} | "
@@ -90,8 +90,8 @@ def measurements_md(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "_The store's features are not named measurements: no per-measurement view._"
     out = ["Named cell measurements, strongest first (patients scored out of fold only):", "",
-           "| measurement | label AUC of patient mean | median reactive | median malignant | "
-           "Spearman with cell score |", "|---|---|---|---|---|"]
+           ("| measurement | label AUC of patient mean | median reactive | median malignant | "
+           "Spearman with cell score |"), "|---|---|---|---|---|"]
     for r in rows:
         sp = "–" if np.isnan(r["score_spearman"]) else f"{r['score_spearman']:+.2f}"
         out.append(f"| {r['measurement']} | {r['label_auc']:.2f} | {r['median_reactive']:.3g} | "

@@ -50,7 +50,7 @@ def _curves_png(path: Path, labels: np.ndarray, oof: dict[str, np.ndarray], kind
         if np.unique(y).size < 2:
             continue
         st = STYLES[k % len(STYLES)]
-        style = dict(color=st["color"], lw=1.4, ls=st["ls"])
+        style = {"color": st["color"], "lw": 1.4, "ls": st["ls"]}
         if kind == "roc":
             fpr, tpr, _ = roc_curve(y, p)
             ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(y, p):.3f})", **style)
