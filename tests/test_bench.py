@@ -29,3 +29,5 @@ def test_bench_on_tiny_data(synth_data: Path, tmp_path: Path) -> None:
     assert fh["vectorised_seconds"] > 0 and fh["speedup"] > 0
     assert [r["figure"].split(" (")[0] for r in d["rows"]][:2] == ["ingest", "stage-one training"]
     assert "ingest" in res.output and "ratio" in res.output
+    for step in ("ingest:", "stage one:", "fit-head:"):  # each step says when it starts
+        assert f"] {step}" in res.output

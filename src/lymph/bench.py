@@ -14,6 +14,7 @@ Without ``--data`` the figures are taken on a synthetic set made for the purpose
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,14 @@ def _fmt(x: float, unit: str = "") -> str:
 
 
 def run_bench(data: str | Path | None = None, *, device: str = "auto", quick: bool = False,
-              workdir: str | Path | None = None) -> dict[str, Any]:
+              workdir: str | Path | None = None,
+              on_step: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure everything; returns ``{"rows": [...], "ingest": {...}, "stage_one": {...},
-    "fit_head": {...}}`` (rows are display strings, the rest raw numbers)."""
+    "fit_head": {...}}`` (rows are display strings, the rest raw numbers). ``on_step(what)``
+    is called as each measurement starts (so a long bench is never silent)."""
     from lymph.data.bench import bench_ingest
+
+    say = on_step or (lambda what: None)
     from lymph.data.cache import ingest, open_cache
 
     with tempfile.TemporaryDirectory(prefix="lymph-bench-", dir=workdir) as td:
@@ -37,17 +42,20 @@ def run_bench(data: str | Path | None = None, *, device: str = "auto", quick: bo
             data = make_synthetic(tmp / "synth", SynthConfig(
                 patients=40, test_patients=0, images_min=30 if quick else 40,
                 images_max=60 if quick else 90, size=224, seed=0))
+        say("ingest: decoding rate and its ceiling")
         ing = bench_ingest(data, size=112, repeats=1 if quick else 5)
         cache = open_cache(ingest(data, tmp / "bench.zarr", size=112).path)
 
         from lymph.encoder.bench import bench_stage_one
 
+        say("stage one: training and embedding rates, matmul ceiling")
         s1 = bench_stage_one(cache, device=device, steps=10 if quick else 40,
                              repeats=1 if quick else 3, embed_images=512 if quick else 2048)
 
         from lymph.head.bench import bench_fit_head
         from lymph.store import open_store
 
+        say("fit-head: vectorised head against the batch-1 reference")
         store_path = _quick_store(cache, tmp / "bench.h5")
         fh = bench_fit_head(open_store(store_path), repeats=1 if quick else 3,
                             reference=True)

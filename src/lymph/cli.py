@@ -362,6 +362,9 @@ def fit_head(
     Console(width=100).print(table)
     for name, path in res.outputs.items():
         typer.echo(f"wrote {name}: {path}")
+    if out is None:
+        typer.echo("note: no model saved (cross-validation only); add --out MODEL_DIR to save "
+                   "the final model for `lymph predict`")
 
 
 @app.command()
@@ -397,6 +400,12 @@ def predict(
                f"{res.threshold:.3f})")
     for name, path in res.outputs.items():
         typer.echo(f"wrote {name}: {path}")
+    from lymph.report.insample import in_sample_note, training_ids
+
+    note = in_sample_note([str(i) for i in res.ids], training_ids(model, res.store_path),
+                          "prediction")
+    if note:
+        typer.echo(note)
 
 
 def print_comparison(res: Any) -> None:
@@ -441,9 +450,14 @@ def compare_baselines(
     images: Annotated[Optional[Path], typer.Option("--images", help="Image cache for the montages (default: the image files named in the store).")] = None,
     montages: Annotated[bool, typer.Option(help="Montages of the misclassified patients in the report.")] = True,
     folds_from_store: Annotated[bool, typer.Option("--folds-from-store", help="Use stage one's folds recorded in a weak store (one repeat; --folds/--repeats ignored), to measure stacking optimism.")] = False,
+    target_sensitivity: Annotated[float, typer.Option("--target-sensitivity", help="The report's triage operating point: sensitivity for malignancy the threshold must reach, chosen inside each training fold.")] = 0.95,
+    chosen: Annotated[Optional[str], typer.Option("--chosen", help="The report's chosen model (default: the best images + clinical model by balanced accuracy).")] = None,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
     check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1))
+    from lymph.report.triage import check_target
+
+    check_target(target_sensitivity)
     check_outputs({"--out": (out, "report"), "--json": (json_out, "json")}, [store, images])
     from lymph.compare import run_compare
     from lymph.console import progress_bar
@@ -453,8 +467,14 @@ def compare_baselines(
         res, outputs = run_compare(store, folds=folds, repeats=repeats, seed=seed, out=out,
                                    json_path=json_out, models=models, images=images,
                                    montages=montages, progress=lambda n, d, t: update(),
-                                   folds_from_store=folds_from_store)
+                                   folds_from_store=folds_from_store, chosen=chosen,
+                                   target_sensitivity=target_sensitivity)
     print_comparison(res)
+    if "report_json" in outputs:
+        from lymph.report.clinical_md import terminal_summary
+
+        for line in terminal_summary(outputs["report_json"]):
+            typer.echo(line)
     for note in res.notes:
         typer.echo(f"note: {note}")
     for name, path in outputs.items():
@@ -490,6 +510,11 @@ def explain(
         dev = ", ".join(f"{c} {z:+.1f}" for c, z in e.deviations.get(j, []))
         typer.echo(f"  cell #{j}: {e.weight_name}={e.weights[j]:.4g}" + (f"; deviates: {dev}" if dev else ""))
     typer.echo(f"wrote {e.out}")
+    from lymph.report.insample import in_sample_note, training_ids
+
+    note = in_sample_note([e.patient], training_ids(model, store), "explanation")
+    if note:
+        typer.echo(note)
 
 
 # ---- lymph run / ls / demo / bench (pipelines and measurements) -------------------------------
@@ -503,13 +528,32 @@ def _print_run(res: Any, artifacts: Path) -> None:
         print_comparison(res.comparison)
     for st in res.stages:
         if st.name == "compare" and "report" in st.outputs:
-            typer.echo(f"report: {st.outputs['report']}")
+            from lymph.report.clinical_md import terminal_summary
+
+            for line in terminal_summary(Path(st.outputs["report"]).with_name("report.json")):
+                typer.echo(line)
+        if st.name == "compare":
+            for key in ("report", "html", "predictions", "submission"):
+                if key in st.outputs:
+                    typer.echo(f"{key}: {st.outputs[key]}")
     typer.echo(f"resolved configuration saved with every stage (stage.json) under {artifacts}")
 
 
 def _stage_line(st: Any) -> None:
     what = "cached" if st.cached else f"ran in {st.seconds:.1f} s"
     typer.echo(f"[{st.name}] {what}: {st.folder}", err=True)
+
+
+#: what each stage does, said when it starts (a long stage is never silent)
+_STAGE_WHAT = {"data": "making the synthetic data", "ingest": "decoding every image into the cache",
+               "embed": "stage one, features of every cell image (the longest stage)",
+               "head": "stage two, cross-validating the head and fitting the final model",
+               "compare": "every model on the same folds, the report, the unlabelled patients"}
+
+
+def _stage_start(name: str, settings: dict[str, Any]) -> None:
+    extra = f", method {settings['method']}" if name == "embed" and "method" in settings else ""
+    typer.echo(f"[{name}] running: {_STAGE_WHAT.get(name, name)}{extra} ...", err=True)
 
 
 @app.command()
@@ -519,13 +563,18 @@ def run(
     data: Annotated[Optional[Path], typer.Option("--data", help="Challenge root or split folder (overrides data.path).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value (repeatable).")] = None,
     artifacts: Annotated[Path, typer.Option(help="Where stage outputs are cached.")] = Path("artifacts"),
+    target_sensitivity: Annotated[Optional[float], typer.Option("--target-sensitivity", help="The report's triage operating point (default: compare.target_sensitivity, 0.95).")] = None,
 ) -> None:
-    """Run ingest, embed, fit-head, compare-baselines and the report; reuse cached stages."""
+    """Run ingest, embed, fit-head, compare-baselines and the report; reuse cached stages.
+
+    On challenge data the unlabelled (test) patients are predicted with the pipeline's model:
+    predictions.csv and the submission (Id,Predicted) in the compare stage's folder."""
     check_outputs({"--artifacts": (artifacts, "artifacts")})
     from lymph.pipeline.run import run_pipeline
 
     res = run_pipeline(pipeline, sets=set_ or [], data=data, artifacts=artifacts,
-                       on_stage=_stage_line)
+                       on_stage=_stage_line, on_start=_stage_start,
+                       target_sensitivity=target_sensitivity)
     _print_run(res, artifacts)
 
 
@@ -538,16 +587,15 @@ def ls(
     from rich.console import Console
     from rich.table import Table
 
-    from lymph.pipeline.stages import list_stages
+    from lymph.pipeline.listing import ls_rows
 
     table = Table(title=f"cached stages in {artifacts}")
-    for c in ("stage", "fingerprint", "size", "seconds", "settings"):
-        table.add_column(c)
-    for r in list_stages(artifacts):
-        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+    for c in ("stage", "fingerprint", "size", "seconds", "data", "settings"):
+        table.add_column(c, overflow="fold")
+    for r in ls_rows(artifacts):
         table.add_row(r["stage"], r["fingerprint"], f"{r['bytes'] / 1e6:.1f} MB",
-                      f"{r['seconds']}", settings)
-    Console(width=140).print(table)
+                      f"{r['seconds']}", r["data"], r["settings_text"])
+    Console(width=160).print(table)
 
 
 @app.command()
@@ -556,14 +604,15 @@ def demo(
     artifacts: Annotated[Path, typer.Option(help="Where the demo's stage outputs go.")] = Path("artifacts"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.key=value.")] = None,
 ) -> None:
-    """Make a small synthetic dataset and run the demo pipeline on it (a few minutes on a CPU)."""
+    """Make a small synthetic dataset and run the demo pipeline on it (about half a minute on two CPU cores)."""
     check_outputs({"--artifacts": (artifacts, "artifacts")})
     from lymph.pipeline.config import DEMO
     from lymph.pipeline.run import run_pipeline
 
     typer.echo("lymph demo: synthetic data -> ingest -> autoencoder -> fit-head -> compare-baselines",
                err=True)
-    res = run_pipeline(DEMO, sets=set_ or [], artifacts=artifacts, on_stage=_stage_line)
+    res = run_pipeline(DEMO, sets=set_ or [], artifacts=artifacts, on_stage=_stage_line,
+                       on_start=_stage_start)
     _print_run(res, artifacts)
 
 
@@ -582,7 +631,11 @@ def bench(
 
     from lymph.bench import run_bench
 
-    res = run_bench(data=data, device=device, quick=quick)
+    import time
+
+    t0 = time.perf_counter()
+    res = run_bench(data=data, device=device, quick=quick, on_step=lambda what: typer.echo(
+        f"[bench {time.perf_counter() - t0:5.0f} s] {what} ...", err=True))
     table = Table(title="lymph bench: rates and their ceilings, measured in one run")
     for c in ("figure", "value", "ceiling", "ratio", "target"):
         table.add_column(c, justify="right" if c != "figure" else "left")

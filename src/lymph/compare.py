@@ -56,6 +56,11 @@ class ModelResult:
     #: out-of-fold instance weights by patient id, from the first repeat that scored the
     #: patient (models with ``attention``; empty otherwise)
     attention: dict[str, np.ndarray] = field(default_factory=dict)
+    #: out-of-fold cell scores by patient id, same rule (models with ``cell_scores``, e.g.
+    #: late fusion, whose attention is uniform); the report's cell ranking prefers these
+    cell_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    #: per fold, the fitted model's standardised coefficients (models with ``coefficients``)
+    coefficients: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -194,11 +199,16 @@ class _Recorder:
     """Wraps an estimator inside the CV: ``predict_proba`` also keeps each test patient's
     instance weights (first time a patient is scored, i.e. its repeat-0 fold)."""
 
-    def __init__(self, est: Any, sink: dict[str, np.ndarray]) -> None:
+    def __init__(self, est: Any, sink: dict[str, np.ndarray],
+                 scores: dict[str, np.ndarray] | None = None,
+                 coefs: list[dict[str, float]] | None = None) -> None:
         self.est, self.sink = est, sink
+        self.scores, self.coefs = scores, coefs
 
     def fit(self, store: Any) -> _Recorder:
         self.est.fit(store)
+        if self.coefs is not None and hasattr(self.est, "coefficients"):
+            self.coefs.append(dict(self.est.coefficients()))
         return self
 
     def predict_proba(self, store: Any) -> np.ndarray:
@@ -208,6 +218,9 @@ class _Recorder:
             if new:
                 for k, w in zip(new, self.est.attention(store.subset(new))):
                     self.sink[str(store.ids[k])] = np.asarray(w)
+                if self.scores is not None and hasattr(self.est, "cell_scores"):
+                    for k, w in zip(new, self.est.cell_scores(store.subset(new))):
+                        self.scores[str(store.ids[k])] = np.asarray(w)
         return p
 
     def __getattr__(self, name: str) -> Any:
@@ -266,9 +279,12 @@ def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], An
         for name, spec in specs.items():
             cb = None if progress is None else (lambda d, t, n=name: progress(n, d, t))
             sink: dict[str, np.ndarray] = {}
-            cv = cross_validate(lambda s=spec, k=sink: _Recorder(s.make(), k), store, fold_list,
-                                progress=cb)
-            results[name] = ModelResult(name, spec, cv, summarise(cv), _params(spec.make()), sink)
+            scores: dict[str, np.ndarray] = {}
+            coefs: list[dict[str, float]] = []
+            cv = cross_validate(lambda s=spec, k=sink: _Recorder(s.make(), k, scores, coefs),
+                                store, fold_list, progress=cb)
+            results[name] = ModelResult(name, spec, cv, summarise(cv), _params(spec.make()), sink,
+                                        scores, coefs)
     res = ComparisonResult(
         models=results, folds=fold_list, n_folds=folds, repeats=repeats, seed=seed,
         n_patients=int(labelled.size), seconds=time.perf_counter() - t0,
@@ -302,7 +318,9 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
                 out: Any = None, json_path: Any = None, models: str | list[str] | None = None,
                 images: Any = None, montages: bool = True,
                 progress: Callable[[str, int, int], None] | None = None,
-                folds_from_store: bool = False,
+                folds_from_store: bool = False, chosen: str | None = None,
+                target_sensitivity: float = 0.95,
+                predict_unlabelled: Callable[[float | None], dict[str, Any] | None] | None = None,
                 ) -> tuple[ComparisonResult, dict[str, Any]]:
     """``lymph compare-baselines``: open the store, compare, write ``--json`` and the report.
 
@@ -310,7 +328,14 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     (default: the source files recorded in the store). Returns the result and the files.
     ``folds_from_store``: use stage one's K folds (a weak store's, one repeat) instead of
     ``folds`` x ``repeats`` new ones. A weak store is checked for fold safety first.
+    ``chosen``: the report's chosen model (default: the best images + clinical model);
+    ``target_sensitivity``: the report's triage operating point; ``predict_unlabelled(thr)``
+    (``lymph run``) predicts the unlabelled patients for the report, given the chosen
+    model's cohort threshold for the target sensitivity.
     """
+    from lymph.report.triage import check_target
+
+    target_sensitivity = check_target(target_sensitivity)
     import json
     import os
     from pathlib import Path
@@ -321,6 +346,9 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     s = open_store(store) if isinstance(store, (str, os.PathLike)) else store
     specs, notes = default_models(s, seed=seed)
     specs = select_models(specs, models)
+    if chosen is not None and chosen not in specs:
+        raise LymphError(f"--chosen: {chosen!r} is not among the models of this comparison "
+                         f"({', '.join(specs)})")
     if (s.provenance or {}).get("weak_folds"):
         from lymph.encoder.weak import check_fold_safety
 
@@ -336,6 +364,15 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
                   fold_list=fold_list)
     res.notes[:0] = notes
     outputs: dict[str, Any] = {}
+    predictions = None
+    if predict_unlabelled is not None:
+        from lymph.report.analysis import choose
+        from lymph.report.triage import cohort_threshold
+
+        predictions = predict_unlabelled(
+            cohort_threshold(choose(res, chosen)[0].cv, target_sensitivity))
+        if predictions:
+            outputs.update(predictions["outputs"])
     if json_path is not None:
         outputs["json"] = write_text_atomic(
             json_path, json.dumps(res.rows(), indent=2, default=float) + "\n")
@@ -347,7 +384,8 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
             from lymph.data.cache import open_cache
 
             cache = open_cache(images)
-        files = write_report(res, s, Path(out), cache=cache, montages=montages)
+        files = write_report(res, s, Path(out), cache=cache, montages=montages, chosen=chosen,
+                             target_sensitivity=target_sensitivity, predictions=predictions)
         outputs.update({k: v for k, v in files.items() if not k.startswith("montage:")})
         n_m = sum(k.startswith("montage:") for k in files)
         if n_m:

@@ -20,7 +20,9 @@ def pr_curve_png(path: str | os.PathLike[str], labels: np.ndarray, oof: np.ndarr
     import matplotlib.pyplot as plt
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.2), dpi=120)
+    from lymph.report.plots import STYLES, legend_outside
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     prevalence = None
     for r in range(oof.shape[0]):
         ok = np.isfinite(oof[r])
@@ -28,8 +30,10 @@ def pr_curve_png(path: str | os.PathLike[str], labels: np.ndarray, oof: np.ndarr
         if np.unique(y).size < 2:
             continue
         prec, rec, _ = precision_recall_curve(y, p)
-        ax.step(rec, prec, where="post", lw=1.2, alpha=0.8 if oof.shape[0] == 1 else 0.5,
-                label=f"repeat {r}: AP {average_precision_score(y, p):.3f}")
+        st = STYLES[r % len(STYLES)]  # repeats numbered from 1, as in the reports
+        ax.step(rec, prec, where="post", lw=1.2, alpha=0.8 if oof.shape[0] == 1 else 0.6,
+                color=st["color"], ls=st["ls"],
+                label=f"repeat {r + 1}: AP {average_precision_score(y, p):.3f}")
         prevalence = y.mean()
     if prevalence is not None:
         ax.axhline(prevalence, color="grey", ls="--", lw=0.8, label=f"prevalence {prevalence:.2f}")
@@ -38,7 +42,7 @@ def pr_curve_png(path: str | os.PathLike[str], labels: np.ndarray, oof: np.ndarr
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_title(title or "out-of-fold precision-recall", fontsize=9)
-    ax.legend(fontsize=6, loc="lower left")
+    legend_outside(ax)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -64,6 +64,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "folds": 5,
         "repeats": 1,
         "seed": 0,
+        "target_sensitivity": 0.95,  # the report's triage operating point (sensitivity for malignancy)
     },
 }
 

@@ -16,6 +16,9 @@ from lymph.errors import LymphError
 from lymph.pipeline.config import resolve
 from lymph.pipeline.stages import Stage, make_stage
 
+#: version of the report the compare stage writes (a new report reruns the stage)
+REPORT_VERSION = 4
+
 
 @dataclass
 class StageReport:
@@ -33,6 +36,7 @@ class RunResult:
     stages: list[StageReport] = field(default_factory=list)
     comparison: Any = None  # lymph.compare.ComparisonResult when the compare stage ran
     head_report: dict[str, Any] | None = None
+    predictions: dict[str, Any] | None = None  # the unlabelled patients, by the head's model
 
     def stage(self, name: str) -> StageReport:
         return next(s for s in self.stages if s.name == name)
@@ -72,12 +76,83 @@ def _embed_settings(e: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
+def chosen_model(h: dict[str, Any]) -> str | None:
+    """The comparison model that the head stage's settings fit (the report's chosen model)."""
+    if h["fusion"] == "late":
+        return "late-fusion"
+    if not h["images"]:
+        return "clinical-mlp"
+    if not h["clinical"]:
+        return "attention-images-only" if h["pooling"] == "attention" else None
+    return f"{h['pooling']}+clinical"
+
+
+def _bar(name: str, total: int | None, enabled: bool) -> Any:
+    """A progress bar for a stage; ``update(done, total)`` style callback."""
+    from contextlib import contextmanager
+
+    from lymph.console import progress_bar
+
+    @contextmanager
+    def cm() -> Any:
+        state = {"done": 0}
+        with progress_bar(name, total, enabled=enabled) as update:
+            def step(done: int, tot: int | None = None) -> None:
+                update(advance=done - state["done"], **({} if tot is None else {"total": tot}))
+                state["done"] = done
+            yield step
+    return cm()
+
+
+def predict_unlabelled(model_dir: Path, store_path: Path, folder: Path, target_threshold: float | None
+                       ) -> dict[str, Any] | None:
+    """The head's final model on the store's unlabelled patients: ``predictions.csv``
+    (id, probability, predicted), ``submission.csv`` (``Id,Predicted``, the challenge's
+    format) in ``folder``; returns what the report shows (None without unlabelled patients)."""
+    import numpy as np
+
+    from lymph.head.modeldir import load_model
+    from lymph.head.predict import predict
+    from lymph.store import open_store
+
+    s = open_store(store_path)
+    rows = np.flatnonzero(np.asarray(s.labels) < 0)
+    if rows.size == 0:
+        return None
+    res = predict(model_dir, folder / "predictions.csv", store=store_path,
+                  submission=folder / "submission.csv", select="unlabelled")
+    est = load_model(model_dir).estimator
+    sub = s.subset(rows)
+    weights: dict[str, Any] = {}
+    if hasattr(est, "cell_scores"):
+        weights = {str(i): w for i, w in zip(sub.ids, est.cell_scores(sub))}
+    elif getattr(est, "images", False):
+        weights = {str(i): w for i, w in zip(sub.ids, est.attention(sub))}
+    return {"model": str(model_dir), "ids": [str(i) for i in res.ids],
+            "probability": [float(v) for v in res.probability],
+            "predicted": [int(v) for v in res.predicted], "threshold": float(res.threshold),
+            "target_threshold": target_threshold, "n": int(rows.size), "weights": weights,
+            "outputs": {k: str(v) for k, v in res.outputs.items()}}
+
+
 def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str] | None = None,
                  data: str | Path | None = None, artifacts: str | Path = "artifacts",
                  progress: bool = True,
-                 on_stage: Callable[[StageReport], None] | None = None) -> RunResult:
-    """Resolve the configuration and run the stages in order, reusing cached outputs."""
+                 on_stage: Callable[[StageReport], None] | None = None,
+                 on_start: Callable[[str, dict[str, Any]], None] | None = None,
+                 target_sensitivity: float | None = None) -> RunResult:
+    """Resolve the configuration and run the stages in order, reusing cached outputs.
+
+    ``on_start(stage, settings)`` is called before a stage that is not cached runs (so a
+    long stage is never silent); ``target_sensitivity`` overrides ``compare.target_sensitivity``."""
     cfg = resolve(pipeline, sets, data)
+    if target_sensitivity is not None:
+        cfg["compare"]["target_sensitivity"] = target_sensitivity
+    from lymph.report.triage import check_target
+
+    cfg["compare"]["target_sensitivity"] = check_target(
+        cfg["compare"]["target_sensitivity"],
+        "--target-sensitivity" if target_sensitivity is not None else "compare.target_sensitivity")
     root = Path(artifacts)
     result = RunResult(config=cfg)
 
@@ -89,7 +164,8 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
             on_stage(rep)
 
     def run_stage(stage: Stage, work: Callable[[Path], dict[str, Any]]) -> dict[str, str]:
-        outs, cached, secs = stage.build(work, cfg)  # locked; a failure leaves no folder
+        start = (lambda: on_start(stage.name, stage.settings)) if on_start else None
+        outs, cached, secs = stage.build(work, cfg, on_start=start)  # locked; a failure leaves no folder
         done(stage, cached, secs, outs)
         return {k: str(v) for k, v in outs.items()}
 
@@ -114,7 +190,9 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
     def do_ingest(folder: Path) -> dict[str, Any]:
         from lymph.data.cache import ingest
 
-        res = ingest(data_dir, folder / "images.zarr", size=ing["size"], crop=ing["crop"])
+        with _bar("ingest", None, progress) as step:
+            res = ingest(data_dir, folder / "images.zarr", size=ing["size"], crop=ing["crop"],
+                         progress=step)
         return {"images": res.path}
 
     cache_path = Path(run_stage(st, do_ingest)["images"])
@@ -129,6 +207,14 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
 
         extra = {"folds": e["folds"]} if e["method"] == "weak" else {}
         out = folder / "store.h5"
+        if e["method"] == "morphometry":  # no training: measure every image, with progress
+            from lymph.data.cache import open_cache
+            from lymph.encoder.morphometry import write_morphometry_store
+
+            cache = open_cache(cache_path)
+            with _bar("embed (morphometry)", cache.n_images, progress) as step:
+                write_morphometry_store(cache, out, progress=step)
+            return {"store": out}
         s = run_embed(out=out, images=cache_path, method=e["method"], dim=e["dim"] or None,
                       epochs=e["epochs"] or None, batch_size=e["batch_size"] or None,
                       lr=e["lr"] or None, seed=e["seed"], device=e["device"], progress=progress,
@@ -165,14 +251,17 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
             fold_list = make_folds(open_store(store_path).labels, 5, 1, h["seed"])[:1]
         elif h["validation"] != "cv":
             raise LymphError(f"head.validation: expected cv or holdout, got {h['validation']!r}")
-        res = fit_head(store_path, pooling=h["pooling"], folds=folds, repeats=repeats,
-                       seed=h["seed"], out=folder / "model", json_path=folder / "metrics.json",
-                       fusion=h["fusion"], fold_list=fold_list, **params)
+        n_fits = len(fold_list) if fold_list is not None else folds * repeats
+        with _bar("fit-head", n_fits, progress) as step:
+            res = fit_head(store_path, pooling=h["pooling"], folds=folds, repeats=repeats,
+                           seed=h["seed"], out=folder / "model", json_path=folder / "metrics.json",
+                           fusion=h["fusion"], fold_list=fold_list, progress=step, **params)
         result.head_report = res.report
         return {"model": folder / "model", "metrics": folder / "metrics.json",
                 "oof": res.outputs.get("oof", ""), "plot": res.outputs.get("plot", "")}
 
-    run_stage(st, do_head)
+    head_outs = run_stage(st, do_head)
+    head_fp = st.fingerprint
     if result.head_report is None:
         import json
 
@@ -181,17 +270,42 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
     # ---- compare-baselines + report ---------------------------------------------------------
     c = cfg["compare"]
     if c["enabled"]:
-        st = make_stage(root, "compare", {k: c[k] for k in ("folds", "repeats", "seed")}, [embed_fp])
+        chosen = chosen_model(h)
+        settings = {k: c[k] for k in ("folds", "repeats", "seed", "target_sensitivity")}
+        settings.update(chosen=chosen, report=REPORT_VERSION)
+        st = make_stage(root, "compare", settings, [embed_fp, head_fp])
 
         def do_compare(folder: Path) -> dict[str, Any]:
-            from lymph.compare import run_compare
+            from lymph.compare import default_models, run_compare
+            from lymph.store import open_store
 
-            res, outs = run_compare(store_path, folds=c["folds"], repeats=c["repeats"],
-                                    seed=c["seed"], out=folder / "report",
-                                    json_path=folder / "comparison-rows.json", images=cache_path)
+            specs = default_models(open_store(store_path))[0]  # what this store can run
+            pick = chosen if chosen in specs else None
+            n_models = len(specs)
+            with _bar("compare-baselines", n_models * c["folds"] * c["repeats"], progress) as step:
+                count = {"n": 0}
+
+                def tick(name: str, done: int, total: int) -> None:
+                    count["n"] += 1
+                    step(count["n"])
+
+                res, outs = run_compare(
+                    store_path, folds=c["folds"], repeats=c["repeats"], seed=c["seed"],
+                    out=folder / "report", json_path=folder / "comparison-rows.json",
+                    images=cache_path, progress=tick, chosen=pick,
+                    target_sensitivity=c["target_sensitivity"],
+                    predict_unlabelled=lambda thr: predict_unlabelled(
+                        Path(head_outs["model"]), store_path, folder, thr))
             result.comparison = res
-            return {"report": folder / "report" / "report.md",
-                    "json": folder / "comparison-rows.json"}
+            files = {"report": folder / "report" / "report.md",
+                     "html": folder / "report" / "report.html",
+                     "json": folder / "comparison-rows.json"}
+            for k in ("predictions", "submission"):
+                if k in outs:
+                    files[k] = outs[k]
+            return files
 
-        run_stage(st, do_compare)
+        outs = run_stage(st, do_compare)
+        if "predictions" in outs:
+            result.predictions = {k: outs[k] for k in ("predictions", "submission") if k in outs}
     return result

@@ -97,15 +97,18 @@ class Stage:
                 path.unlink()
             f.close()  # releases the lock
 
-    def build(self, work: Callable[[Path], dict[str, Any]], config: dict[str, Any]
-              ) -> tuple[dict[str, Any], bool, float]:
+    def build(self, work: Callable[[Path], dict[str, Any]], config: dict[str, Any],
+              on_start: Callable[[], None] | None = None) -> tuple[dict[str, Any], bool, float]:
         """Reuse the complete stage, or build it under the lock: ``(outputs, cached,
-        seconds)``. A failed or interrupted build leaves no folder (and so no cache)."""
+        seconds)``. A failed or interrupted build leaves no folder (and so no cache).
+        ``on_start`` is called when the build itself starts (not for a reused stage)."""
         if self.is_complete():
             return self.read_manifest()["outputs"], True, 0.0
         with self.lock():
             if self.is_complete():  # another run built it while we waited
                 return self.read_manifest()["outputs"], True, 0.0
+            if on_start is not None:
+                on_start()
             t0 = time.perf_counter()
             folder = self.begin()
             try:

@@ -66,6 +66,14 @@ class PixelSource:
                              f"/images/path ({e}); pass the image cache instead") from None
 
 
+    def read_bag(self, row: int) -> list[np.ndarray]:
+        """All cells of store patient ``row`` (one cache read when the cache matches)."""
+        a, b = int(self.store.patient_ptr[row]), int(self.store.patient_ptr[row + 1])
+        if self._same_order and self.cache is not None and b > a:
+            return [np.transpose(x, (1, 2, 0)) for x in self.cache.read(a, b)]
+        return [self.read(i) for i in range(a, b)]
+
+
 def _font(size: int) -> Any:
     from PIL import ImageFont
 

@@ -17,6 +17,21 @@ import numpy as np
 
 from lymph.atomic import atomic_path
 
+#: one distinct (colour, line style, marker) per curve: 10 colours x 4 line styles, so up to
+#: 40 curves never share both colour and style (colour-blind safe "tab10" order)
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+            "#7f7f7f", "#bcbd22", "#17becf")
+_LINES = ("-", "--", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+STYLES = [{"color": _COLOURS[k % 10], "ls": _LINES[(k + k // 10) % 4], "marker": _MARKERS[k % 10]}
+          for k in range(40)]
+
+
+def legend_outside(ax: object, **kw: object) -> None:
+    """The legend to the right of the axes, so that it never hides a curve."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
+              title_fontsize=7, **kw)  # type: ignore[attr-defined]
+
 
 def _curves_png(path: Path, labels: np.ndarray, oof: dict[str, np.ndarray], kind: str,
                 title: str) -> Path:
@@ -27,15 +42,15 @@ def _curves_png(path: Path, labels: np.ndarray, oof: dict[str, np.ndarray], kind
     from sklearn.metrics import (average_precision_score, precision_recall_curve,
                                  roc_auc_score, roc_curve)
 
-    fig, ax = plt.subplots(figsize=(6.0, 5.0), dpi=110)
-    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(8.2, 5.0), dpi=110)
     prevalence = None
     for k, (name, p_all) in enumerate(oof.items()):
         ok = np.isfinite(p_all) & (labels >= 0)
         y, p = labels[ok].astype(int), p_all[ok]
         if np.unique(y).size < 2:
             continue
-        style = dict(color=cmap(k % 10), lw=1.3, ls="-" if k < 10 else "--")
+        st = STYLES[k % len(STYLES)]
+        style = {"color": st["color"], "lw": 1.4, "ls": st["ls"]}
         if kind == "roc":
             fpr, tpr, _ = roc_curve(y, p)
             ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(y, p):.3f})", **style)
@@ -56,8 +71,7 @@ def _curves_png(path: Path, labels: np.ndarray, oof: dict[str, np.ndarray], kind
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left",
-              title="AUC" if kind == "roc" else "average precision", title_fontsize=7)
+    legend_outside(ax, title="AUC" if kind == "roc" else "average precision")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
