@@ -190,7 +190,7 @@ def test_report_json_reproducible_from_oof_csv(morph_store: Path, synth_cache: P
                 "## Clinical usefulness", "## What drives it"):
         assert sec in md
     assert (out / "report.html").is_file() and (out / "decision.png").is_file()
-    assert (out / "reliability.png").is_file()
+    assert (out / "reliability.png").is_file() and (out / "trade.png").is_file()
 
 
 def test_bad_target_sensitivity_is_one_error_line(morph_store: Path) -> None:
