@@ -190,7 +190,7 @@ def test_report_json_reproducible_from_oof_csv(morph_store: Path, synth_cache: P
                 "## Clinical usefulness", "## What drives it"):
         assert sec in md
     assert (out / "report.html").is_file() and (out / "decision.png").is_file()
-    assert (out / "reliability.png").is_file()
+    assert (out / "reliability.png").is_file() and (out / "trade.png").is_file()
 
 
 def test_bad_target_sensitivity_is_one_error_line(morph_store: Path) -> None:
@@ -263,3 +263,19 @@ def test_report_without_a_clinical_only_model(morph_store: Path, tmp_path: Path)
     md = (tmp_path / "r" / "report.md").read_text()
     assert "no clinical-only model in this comparison" in md
     assert "No clinical-only model: no paired difference." in md
+
+
+def test_report_with_repeats_averages_over_repeats(morph_store: Path, tmp_path: Path) -> None:
+    from lymph.compare import compare, default_models, select_models
+    from lymph.report.analysis import analyse
+    from lymph.store import open_store
+
+    s = open_store(morph_store)
+    res = compare(s, select_models(default_models(s)[0], "logistic,late-fusion"), folds=3,
+                  repeats=2)
+    a = analyse(res, s, chosen="late-fusion", n_boot=100)
+    op = a["triage"]["late-fusion"]["target_sensitivity"]
+    assert [q["repeat"] for q in op["per_repeat"]] == [0, 1]
+    assert op["sensitivity"] == pytest.approx(np.mean([q["sensitivity"] for q in op["per_repeat"]]))
+    assert len(a["fold_thresholds"]["late-fusion"]["target_sensitivity"]) == 6
+    assert len(a["calibration"]["late-fusion"]["before"]["per_repeat"]) == 2

@@ -17,7 +17,7 @@ from lymph.pipeline.config import resolve
 from lymph.pipeline.stages import Stage, make_stage
 
 #: version of the report the compare stage writes (a new report reruns the stage)
-REPORT_VERSION = 4
+REPORT_VERSION = 5
 
 
 @dataclass

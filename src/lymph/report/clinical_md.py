@@ -66,7 +66,9 @@ def triage_md(a: dict[str, Any]) -> str:
            "the next lower score; "
            "`--target-sensitivity`) and **balanced** (the model's own threshold, maximum "
            "balanced accuracy on its inner validation split). Figures: out of fold, mean over "
-           f"{a['repeats']} repeat(s), 95% interval in brackets."), "",
+           f"{a['repeats']} repeat(s), 95% interval in brackets. The figure shows the whole "
+           "trade: each line moves one threshold over all patients; the marks are the two "
+           "operating points (a threshold per fold, so a mark can sit off its line)."), "",
            "| figure | " + " | ".join(f"{n}: {OP_TITLE[op]}" for n in names for op in (TARGET, BALANCED)) + " |",
            "|---|" + "---|" * (2 * len(names))]
     unc = a["uncertainty"]["models"]

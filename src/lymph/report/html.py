@@ -149,6 +149,7 @@ def galleries(out: Path, a: dict[str, Any], store: Any, result: Any, cache: Any,
     what = "cell score" if wname == "score" else "attention weight"
     source = PixelSource(store, cache)
     parts, paths = [], []
+    no_pixels = False
     for i, r in enumerate(a["patients"]):
         pid = r["id"]
         w = oof_w.get(pid)
@@ -164,6 +165,8 @@ def galleries(out: Path, a: dict[str, Any], store: Any, result: Any, cache: Any,
         path = out / "assets" / "cells" / f"{_safe(pid)}.jpg"
         if not pixels:
             img, note = "", "cell images not requested (--no-montages)"
+        elif no_pixels:  # the store has no pixels for any patient: said once, at the first
+            img, note = "", "no cell images (see the first patient)"
         else:
             try:
                 shown, (wd, ht) = _gallery_image(store, i, w, source, wname, path)
@@ -175,6 +178,7 @@ def galleries(out: Path, a: dict[str, Any], store: Any, result: Any, cache: Any,
                         f"{'score' if wname == 'score' else 'weight'}).")
             except LymphError as e:
                 img, note = "", f"no cell images: {e}"
+                no_pixels = store.image_paths is None and cache is None
         parts.append(f'<section id="p-{_safe(pid)}"><h3>{_h.escape(pid)}: '
                      f'{_h.escape(_label(r["label"]))}</h3><p>{_h.escape(decision)}</p>'
                      f'<p class="muted">{_h.escape(note)}</p>{img}</section>')

@@ -10,8 +10,8 @@
 - ``report.html`` and ``assets/``: the same report to browse, with the patient table and each
   patient's cells (:mod:`lymph.report.html`);
 - ``report.json``: every figure of the report;
-- ``roc.png``, ``pr.png`` (:mod:`lymph.report.plots`), ``reliability.png``,
-  ``decision.png``;
+- ``roc.png``, ``pr.png`` (:mod:`lymph.report.plots`), ``trade.png`` (missed against
+  avoided, per 100), ``reliability.png``, ``decision.png``;
 - ``misclassified/ID.png``: each misclassified patient's highest- and lowest-weight cells;
 - ``oof.csv``: ``model,id,label,repeat,fold,probability,threshold,predicted``;
 - ``comparison.json``: settings, rows, paired comparisons, the folds' test patients.
@@ -179,7 +179,15 @@ def _figures(out: Path, a: dict[str, Any], result: Any) -> dict[str, Path]:
     c = a["chosen"]
     curves[f"{c}, recalibrated in folds"] = a["_recalibrated"][c][0, rows]
     sub = f"{result.n_folds}-fold CV, out of fold"
+    from lymph.report.triage import trade_png
+
+    points = {n: {op: (t[op]["avoided_per_100"], t[op]["missed_per_100"]) for op in t}
+              for n, t in a["triage"].items()}
     return {
+        "trade": trade_png(out / "trade.png", y,
+                           {n: result.models[n].cv.oof[0, rows] for n in a["triage"]}, points,
+                           f"Missed against avoided as one threshold moves ({sub}, repeat 1 "
+                           f"of {result.repeats})"),
         "reliability": reliability_png(out / "reliability.png", y, curves,
                                        f"Reliability diagram ({sub}, repeat 1 of {result.repeats}, "
                                        "10 bins of equal size)"),
@@ -220,7 +228,8 @@ def write_report(result: Any, store: Any, out_dir: str | os.PathLike[str], *, ca
     sections = [
         ("Summary", cm.summary_md(a)),
         ("Cohort", cohort_md(a["cohort"])),
-        ("Triage operating points", cm.triage_md(a)),
+        ("Triage operating points", "![The trade: cytometries avoided against malignant "
+                                    "cases missed](trade.png)\n\n" + cm.triage_md(a)),
         ("Images against clinical data alone", cm.difference_md(a)),
         ("Calibration", "![Reliability diagram](reliability.png)\n\n" + cm.calibration_md(a)),
         ("Clinical usefulness", "![Decision curve](decision.png)\n\n" + cm.decision_md(a)),

@@ -137,3 +137,49 @@ def cohort_threshold(cv: Any, target: float) -> float:
     scored = cv.oof_fold >= 0
     y = np.broadcast_to(np.asarray(cv.labels), cv.oof.shape)[scored]
     return sensitivity_threshold(y, cv.oof[scored], target)
+
+
+def trade_png(path: Any, y: np.ndarray, curves: dict[str, np.ndarray],
+              points: dict[str, dict[str, tuple[float, float]]], title: str) -> Any:
+    """The trade in the clinic's units: malignant cases missed against cytometries avoided
+    (per 100 patients) as the threshold moves, one line per model (``curves``: out-of-fold
+    probabilities of the patients ``y``, from ``sklearn.metrics.roc_curve``), with the
+    operating points (``points[model][name] = (avoided, missed)``) marked."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    from lymph.atomic import atomic_path
+    from lymph.report.plots import STYLES, legend_outside
+
+    y = np.asarray(y, dtype=np.int64)
+    n, n_pos, n_neg = y.size, int(y.sum()), int((1 - y).sum())
+    fig, ax = plt.subplots(figsize=(7.6, 4.6), dpi=110)
+    marks = {TARGET: "*", BALANCED: "o"}
+    for k, (name, p) in enumerate(curves.items()):
+        st = STYLES[k % len(STYLES)]
+        fpr, tpr, _ = roc_curve(y, p, drop_intermediate=False)
+        avoided = 100 * ((1 - fpr) * n_neg + (1 - tpr) * n_pos) / n
+        missed = 100 * (1 - tpr) * n_pos / n
+        ax.plot(avoided, missed, color=st["color"], ls=st["ls"], lw=1.4, label=name)
+        for op, (av, mi) in points.get(name, {}).items():
+            ax.plot([av], [mi], marker=marks.get(op, "o"), ms=11 if op == TARGET else 7,
+                    color=st["color"], ls="none",
+                    label=f"{name}: {'target sensitivity' if op == TARGET else 'balanced'}")
+    ax.set_xlabel("cytometries avoided per 100 patients")
+    ax.set_ylabel("malignant cases missed per 100 patients")
+    ax.set_xlim(0, 100 * n_neg / n + 15)
+    ax.set_ylim(0, 20)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=9)
+    legend_outside(ax)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
