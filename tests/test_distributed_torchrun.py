@@ -173,6 +173,15 @@ def test_only_rank0_reads_the_encoder_checkpoint(synth_cache: Path, tmp_path: Pa
                                rtol=1e-5, atol=1e-5)
 
 
+def test_a_failure_in_rank0_only_work_stops_the_waiting_ranks(tmp_path: Path) -> None:
+    """Rank 0 ingests alone (the others wait on the store); its error ends them too."""
+    t0 = time.monotonic()
+    rc, _, err = run(2, "--data", str(tmp_path / "absent"), "--out", "x.h5", "--device", "cpu",
+                     cwd=tmp_path)
+    assert rc != 0 and time.monotonic() - t0 < PROMPT_S
+    assert len(errors(err)) == 1 and "absent" in errors(err)[0], err
+
+
 def test_device_cuda_n_under_torchrun_is_refused(synth_cache: Path, tmp_path: Path) -> None:
     rc, _, err = run(2, "--images", str(synth_cache), "--out", "x.h5", "--device", "cuda:1",
                        cwd=tmp_path)
