@@ -61,6 +61,24 @@ def test_four_processes_take_the_single_process_steps(synth_cache: Path, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no tokens, no temps
 
 
+def test_three_process_weak_scorers_take_the_single_process_steps(synth_cache: Path,
+                                                                   tmp_path: Path) -> None:
+    """The weak method trains on a subset of the images (its fold's patients): steps per
+    epoch are still those of one process on that subset, and the store is fold-safe."""
+    from lymph.encoder.weak import check_fold_safety
+
+    rc, out, err = run(3, "--images", str(synth_cache), "--out", "weak.h5", "--method", "weak",
+                       "--folds", "2", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+                       cwd=tmp_path)
+    assert rc == 0, out + err
+    cache = open_cache(synth_cache)
+    store = open_store(tmp_path / "weak.h5")
+    check_fold_safety(store)
+    final_rows = int(sum(np.diff(cache.patient_ptr)[cache.labels >= 0]))  # all labelled
+    assert store.provenance["steps_per_epoch"] == -(-final_rows // 16)
+    assert store.provenance["world_size"] == 3
+
+
 def test_two_process_resume_continues_like_an_uninterrupted_run(synth_cache: Path,
                                                                 tmp_path: Path) -> None:
     """Rank 1 runs as on a second machine that does not see the checkpoint (a relative
