@@ -117,7 +117,7 @@ def embed(
     method: Annotated[str, typer.Option(help="ae (train the autoencoder), morphometry (no training), contrastive (SimCLR, 64 px of a 160 px centre crop), weak (cell scorer trained from patient labels, fold-safe; see --folds), or A+morphometry (e.g. contrastive+morphometry: both feature blocks in one store).")] = "ae",
     dim: Annotated[Optional[int], typer.Option(help="Embedding size (default: the method's; ae 60 as in the report, contrastive 128).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 20; contrastive 15).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (default 128; contrastive 256).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (default 128; contrastive 256); under torchrun the global batch, split among the processes.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default 1e-3).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed; fixes every result on the CPU.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
@@ -130,7 +130,7 @@ def embed(
 ) -> None:
     """Train the stage-one encoder (unless --encoder) and embed every image into the store.
 
-    Runs under `torchrun --nproc_per_node N` too (DDP; rank 0 writes)."""
+    Runs under `torchrun --nproc_per_node N` too (DDP; rank 0 writes; see docs/cli.md)."""
     from lymph.encoder.embed import run_embed
 
     s = run_embed(out=out, data=data, images=images, method=method, dim=dim, epochs=epochs,
