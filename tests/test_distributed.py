@@ -200,7 +200,7 @@ def test_watchdog_stops_this_rank_when_another_failed(tmp_path: Path) -> None:
     import sys
 
     r = subprocess.run([sys.executable, "-c", _WATCHDOG, str(tmp_path / "store")],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
     assert line.endswith("quiet=False; stopped because rank 0 (host-b) failed: boom"), line
@@ -221,7 +221,7 @@ def test_a_one_image_last_batch_joins_the_previous_one_for_contrastive(synth_cac
         px = _pixels(n)
         for world in (1, 3):
             ram = list(T.ChunkFeeder(T._InRam(px), plan, rank=world - 1, world=world, threaded=False))
-            chunks = list(T.ChunkFeeder(lambda a, b: px[a:b], plan, rank=world - 1, world=world,
+            chunks = list(T.ChunkFeeder(lambda a, b, px=px: px[a:b], plan, rank=world - 1, world=world,
                                         threaded=False))
             assert all(torch.equal(a[0], b[0]) for a, b in zip(ram, chunks))
     assert T.epoch_plan(1000, 64, 111, seed=0, epoch=0).steps == 10  # other methods: unchanged

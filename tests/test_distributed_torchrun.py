@@ -61,6 +61,24 @@ def test_four_processes_take_the_single_process_steps(synth_cache: Path, tmp_pat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no tokens, no temps
 
 
+def test_three_process_weak_scorers_take_the_single_process_steps(synth_cache: Path,
+                                                                   tmp_path: Path) -> None:
+    """The weak method trains on a subset of the images (its fold's patients): steps per
+    epoch are still those of one process on that subset, and the store is fold-safe."""
+    from lymph.encoder.weak import check_fold_safety
+
+    rc, out, err = run(3, "--images", str(synth_cache), "--out", "weak.h5", "--method", "weak",
+                       "--folds", "2", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+                       cwd=tmp_path)
+    assert rc == 0, out + err
+    cache = open_cache(synth_cache)
+    store = open_store(tmp_path / "weak.h5")
+    check_fold_safety(store)
+    final_rows = int(sum(np.diff(cache.patient_ptr)[cache.labels >= 0]))  # all labelled
+    assert store.provenance["steps_per_epoch"] == -(-final_rows // 16)
+    assert store.provenance["world_size"] == 3
+
+
 def test_two_process_resume_continues_like_an_uninterrupted_run(synth_cache: Path,
                                                                 tmp_path: Path) -> None:
     """Rank 1 runs as on a second machine that does not see the checkpoint (a relative
@@ -171,6 +189,15 @@ def test_only_rank0_reads_the_encoder_checkpoint(synth_cache: Path, tmp_path: Pa
                                  progress=False))
     np.testing.assert_allclose(open_store(tmp_path / "two.h5").embeddings, one.embeddings,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_failure_in_rank0_only_work_stops_the_waiting_ranks(tmp_path: Path) -> None:
+    """Rank 0 ingests alone (the others wait on the store); its error ends them too."""
+    t0 = time.monotonic()
+    rc, _, err = run(2, "--data", str(tmp_path / "absent"), "--out", "x.h5", "--device", "cpu",
+                     cwd=tmp_path)
+    assert rc != 0 and time.monotonic() - t0 < PROMPT_S
+    assert len(errors(err)) == 1 and "absent" in errors(err)[0], err
 
 
 def test_device_cuda_n_under_torchrun_is_refused(synth_cache: Path, tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,14 @@ def check_choice(name: str, value: Any, choices: list[str] | tuple[str, ...]) ->
     if value not in choices:
         raise LymphError(f"{name}: expected one of {', '.join(choices)}, got {_fmt(value)}")
     return str(value)
+
+
+def check_device(name: str, value: Any) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (N a GPU index)."""
+    v = str(value)
+    if v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:[0-9]+", v):
+        return v
+    raise LymphError(f"{name}: expected one of auto, cpu, cuda, cuda:N, got {_fmt(value)}")
 
 
 def check_threshold(name: str, value: Any) -> str | float:

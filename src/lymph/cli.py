@@ -196,7 +196,7 @@ def embed(
     method: Annotated[str, typer.Option(help="ae (train the autoencoder), morphometry (no training), contrastive (SimCLR, 64 px of a 160 px centre crop), weak (cell scorer trained from patient labels, fold-safe; see --folds), or A+morphometry (e.g. contrastive+morphometry: both feature blocks in one store).")] = "ae",
     dim: Annotated[Optional[int], typer.Option(help="Embedding size (default: the method's; ae 60 as in the report, contrastive 128).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 20; contrastive 15).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (default 128; contrastive 256).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (default 128; contrastive 256); under torchrun the global batch, split among the processes.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (default 1e-3).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed; fixes every result on the CPU.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
@@ -209,13 +209,13 @@ def embed(
 ) -> None:
     """Train the stage-one encoder (unless --encoder) and embed every image into the store.
 
-    Runs under `torchrun --nproc_per_node N` too (DDP; rank 0 writes)."""
+    Runs under `torchrun --nproc_per_node N` too (DDP; rank 0 writes; see docs/cli.md)."""
     check_options(dim=(dim, "int", 1), epochs=(epochs, "int", 1),
                   batch_size=(batch_size, "int", 1), lr=(lr, "pos"), seed=(seed, "int", 0, 2**31 - 1),
                   size=(size, "int", 8, 1024), crop=(crop, "int", 1), folds=(folds, "int", 2))
-    from lymph.checks import check_choice, registered_names
+    from lymph.checks import check_choice, check_device, registered_names
 
-    check_choice("--device", device, ("auto", "cpu", "cuda"))
+    check_device("--device", device)
     known = registered_names("lymph.encoder.methods", "_BUILTIN_MODULES")
     if known and encoder is None:  # 'A+B' combines registered methods and morphometry
         for part in method.split("+"):
@@ -379,10 +379,10 @@ def predict(
     device: Annotated[str, typer.Option(help="Device for embedding --data: auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Predict patients with a saved model; per-image attention goes to PRED.attention.csv."""
-    from lymph.checks import check_choice
+    from lymph.checks import check_choice, check_device
 
     check_choice("--select", select, ("all", "labelled", "unlabelled"))
-    check_choice("--device", device, ("auto", "cpu", "cuda"))
+    check_device("--device", device)
     if (store is None) == (data is None):
         raise LymphError("predict: expected exactly one of --store and --data")
     stem = out.with_name(out.stem)

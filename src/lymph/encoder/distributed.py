@@ -17,10 +17,12 @@ Rules of a multi-process run (``docs/cli.md``, "Under torchrun"):
   so its folder must be shared: checked at start (:func:`check_shared_folder`: rank 0
   writes a token, every rank must see it) and refused otherwise, naming the ranks and
   hosts that did not see it.
-- **Rank-0-only work** (ingest, morphometry, writing the store) may take long: the other
-  ranks wait for it through the rendezvous store, polling once a second
+- **Rank-0-only work** that may take long (ingest, morphometry of a large cohort): the
+  other ranks wait for it through the rendezvous store, polling once a second
   (:func:`main_does`), not in a collective, so no NCCL/gloo timeout applies to it. Short
-  decisions (``--resume``) are taken on rank 0 and broadcast (:func:`main_decides`).
+  decisions (``--resume``, reading a checkpoint) are taken on rank 0 and broadcast
+  (:func:`main_decides`); short rank-0 writes (checkpoint, store, calibration) end in a
+  barrier, under the process group's timeout (:data:`TIMEOUT_S`, 30 minutes).
 - **Failures**: a rank that fails writes its message to the rendezvous store
   (:func:`fail`); every rank's watchdog thread polls it once a second and stops its
   process (within a few seconds, also across machines), so no rank waits for a timeout.
@@ -100,12 +102,12 @@ def check_device(pref: str, world: int, local_rank: int, local_world: int,
             f"--device {pref} under torchrun would put every process on GPU {pref[5:]}; "
             "use --device cuda (process i of a machine uses GPU LOCAL_RANK i), and "
             "CUDA_VISIBLE_DEVICES to choose which GPUs a machine uses")
-    if pref == "cuda" or (pref == "auto" and n_gpus > 0):
+    if pref in ("cuda", "auto") and n_gpus > 0:  # (no GPU: resolve_device says so)
         if local_world > n_gpus:
             raise LymphError(
                 f"torchrun starts {local_world} processes on this machine but it has "
-                f"{n_gpus} visible GPU(s): use --nproc_per_node {max(n_gpus, 1)} or fewer"
-                + ("" if n_gpus else ", or --device cpu"))
+                f"{n_gpus} visible GPU(s): use --nproc_per_node {n_gpus} or fewer, or "
+                "--device cpu")
         if not 0 <= local_rank < n_gpus:  # pragma: no cover (torchrun sets it below local_world)
             raise LymphError(f"LOCAL_RANK {local_rank}: no such GPU (this machine has {n_gpus})")
 
