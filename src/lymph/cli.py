@@ -210,7 +210,7 @@ def fit_head(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PR curve PNG (default: beside --json; always in MODEL_DIR/cv/).")] = None,
     no_clinical: Annotated[bool, typer.Option("--no-clinical", help="Images only.")] = False,
     no_images: Annotated[bool, typer.Option("--no-images", help="Clinical-only MLP.")] = False,
-    threshold: Annotated[str, typer.Option(help="'inner' (max balanced accuracy on the inner validation split) or a number, e.g. 0.5.")] = "inner",
+    threshold: Annotated[str, typer.Option(help="'inner' (0.5 unless the cut of max balanced accuracy on inner out-of-fold probabilities beats it by 2 standard errors) or a number, e.g. 0.5.")] = "inner",
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on the inner split).")] = 100,
     patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 15,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
@@ -220,6 +220,7 @@ def fit_head(
     attention_hidden: Annotated[int, typer.Option(help="Attention hidden size.")] = 128,
     threads: Annotated[int, typer.Option(help="Torch threads (1 is fastest for this small head).")] = 1,
     fusion: Annotated[str, typer.Option(help="concat (pooled images + clinical -> MLP) or late (pooled image score + clinical -> logistic regression; ignores the MLP options).")] = "concat",
+    members: Annotated[str, typer.Option(help="'auto' (an inner-CV ensemble of 5 heads below 1000 fit patients, else one head) or a number of heads (1 = one head on an inner split).")] = "auto",
 ) -> None:
     """Cross-validate a MIL head (pooling + clinical MLP) on a store; save the final model."""
     from rich.console import Console
@@ -227,6 +228,7 @@ def fit_head(
 
     from lymph.console import progress_bar
     from lymph.head.fit import fit_head as run_fit_head
+    from lymph.head.fit import parse_members
 
     with progress_bar("fit-head", folds * repeats) as update:
         res = run_fit_head(
@@ -235,7 +237,7 @@ def fit_head(
             clinical=not no_clinical, images=not no_images, threshold=threshold,
             max_epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay,
             dropout=dropout, batch_size=batch_size, attention_hidden=attention_hidden,
-            n_threads=threads, fusion=fusion)
+            n_threads=threads, fusion=fusion, members=parse_members(members))
     r = res.report
     table = Table(title=f"{r['model']}: {folds}-fold x {repeats}, {r['n_patients']} patients, "
                         f"{r['seconds']:.1f} s", min_width=64)

@@ -44,6 +44,19 @@ def parse_threshold(value: str | float) -> str | float:
     return t
 
 
+def parse_members(value: str | int) -> str | int:
+    """``--members``: 'auto' or an integer >= 1."""
+    if value == "auto":
+        return "auto"
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise LymphError(f"--members: expected 'auto' or an integer >= 1, got {value!r}") from None
+    if k < 1:
+        raise LymphError(f"--members: expected 'auto' or an integer >= 1, got {value!r}")
+    return k
+
+
 def oof_csv(cv: CVResult) -> str:
     buf = io.StringIO()
     cols = ["id", "label", "repeat", "fold", "probability", "threshold", "predicted"]
@@ -112,7 +125,8 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
         "seconds": round(cv.seconds, 3),
         "seconds_load": round(load_s, 3),
         **summary,
-        "threshold_rule": "inner: max balanced accuracy on the inner validation split"
+        "threshold_rule": "inner: 0.5 unless the max-balanced-accuracy cut on inner "
+        "out-of-fold probabilities beats it by 2 standard errors"
         if proto.threshold == "inner" else f"fixed {proto.threshold}",
         "threshold": {"mean": float(np.mean([f.threshold for f in cv.folds])),
                       "std": float(np.std([f.threshold for f in cv.folds]))},

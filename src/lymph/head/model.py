@@ -25,6 +25,7 @@ class HeadConfig:
     attention_hidden: int = 128
     mlp: tuple[int, ...] = field(default=(256, 128))
     dropout: float = 0.25
+    members: int = 1  # > 1: an inner-CV ensemble of that many heads (lymph.head.ensemble)
 
     @property
     def images(self) -> bool:
@@ -40,6 +41,16 @@ class HeadConfig:
         d = dict(d)
         d["mlp"] = tuple(int(v) for v in d["mlp"])
         return cls(**d)
+
+
+def build_head(cfg: HeadConfig) -> nn.Module:
+    """The network of ``cfg``: one :class:`MILHead`, or with ``members > 1`` the vectorised
+    ensemble :class:`~lymph.head.ensemble.MILEnsemble` (same forward signature)."""
+    if cfg.members > 1:
+        from lymph.head.ensemble import MILEnsemble
+
+        return MILEnsemble(cfg)
+    return MILHead(cfg)
 
 
 class MILHead(nn.Module):

@@ -172,7 +172,7 @@ def load_model(path: str | os.PathLike[str]) -> SavedModel:
 
     from lymph.head.bags import Scaler
     from lymph.head.estimator import MILClassifier
-    from lymph.head.model import HeadConfig, MILHead
+    from lymph.head.model import HeadConfig, build_head
 
     path = Path(path)
     mj = path / "model.json"
@@ -220,7 +220,7 @@ def load_model(path: str | os.PathLike[str]) -> SavedModel:
     est.best_epoch_ = meta["training"]["best_epoch"]
     est.epochs_run_ = meta["training"]["epochs_run"]
     est.inner_val_ids_ = meta["training"]["inner_val_ids"]
-    net = MILHead(est.config_)
+    net = build_head(est.config_)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

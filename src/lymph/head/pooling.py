@@ -48,8 +48,11 @@ class AttentionPool(nn.Module):
         if bool(mask.all()):
             s = self.scores(x)  # (B, N)
         else:  # score real instances only: the (n, hidden) projection is the dominant cost
-            s = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
-            s = s.masked_scatter(mask, self.scores(x[mask]))  # x[mask]: (n_real, D)
+            flat = mask.reshape(-1).nonzero().squeeze(1)  # (n_real,) positions in B * N
+            sr = self.scores(x.reshape(-1, x.shape[-1]).index_select(0, flat))  # (n_real,)
+            # out of place (index_add, not masked_scatter): fast under vmap (lymph.head.ensemble)
+            s = torch.zeros(mask.numel(), dtype=sr.dtype, device=x.device).index_add(
+                0, flat, sr).reshape(mask.shape)
         a = masked_softmax(s, mask)  # (B, N)
         return torch.bmm(a.unsqueeze(1), x).squeeze(1), a  # (B, D), (B, N)
 

@@ -1,0 +1,97 @@
+"""The inner-CV ensemble (lymph.head.ensemble) and the guarded threshold rule."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_bags
+from lymph.head.ensemble import MILEnsemble, _key, member_weights
+from lymph.head.estimator import MILClassifier
+from lymph.head.model import HeadConfig, MILHead
+from lymph.head.train import choose_threshold_guarded
+from lymph.store import EmbeddingStore
+
+torch.set_num_threads(1)
+
+
+def store_of(**kw) -> EmbeddingStore:
+    d = make_bags(**kw)
+    return EmbeddingStore(path=None, embeddings=d["embeddings"], patient_ptr=d["patient_ptr"],
+                          ids=np.array(d["ids"], dtype=object), labels=d["labels"],
+                          clinical=d["clinical"], clinical_columns=d["clinical_columns"])
+
+
+@pytest.mark.parametrize("pooling", ["attention", "gated", "mean", "max"])
+@pytest.mark.parametrize("n_clinical", [0, 3])
+def test_stacked_members_equal_separate_heads(pooling: str, n_clinical: int) -> None:
+    torch.manual_seed(0)
+    cfg = HeadConfig(dim=6, n_clinical=n_clinical, pooling=pooling, mlp=(8, 4), members=3)
+    ens = MILEnsemble(cfg).eval()
+    x = torch.randn(5, 7, 6)
+    mask = torch.ones(5, 7, dtype=torch.bool)
+    mask[0, 2:] = False
+    mask[3, 1:] = False
+    x = x * mask[..., None]
+    clin = torch.randn(5, n_clinical)
+    z, a = ens.members(x, mask, clin)
+    for k in range(3):
+        head = MILHead(replace(cfg, members=1)).eval()
+        head.load_state_dict({n: ens.stacked[_key(n)][k] for n in ens.names})
+        zk, ak = head(x, mask, clin)
+        torch.testing.assert_close(z[k], zk, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a[k], ak, atol=1e-6, rtol=1e-5)
+    # the ensemble's logit is that of the mean member probability; weights sum to 1
+    zz, aa = ens(x, mask, clin)
+    torch.testing.assert_close(torch.sigmoid(zz), torch.sigmoid(z).mean(0), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(aa.sum(1), torch.ones(5), atol=1e-5, rtol=1e-5)
+    assert float(aa[0, 2:].detach().abs().sum()) == 0.0
+
+
+def test_member_weights_hold_out_their_fold() -> None:
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    fold = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    tr, va = member_weights(fold, y, 2)
+    assert (tr[0][fold == 0] == 0).all() and (va[0][fold != 0] == 0).all()
+    for w, sel in ((tr[1], fold != 1), (va[1], fold == 1)):  # each class half of the weight
+        assert np.isclose(w[sel & (y == 1)].sum(), w[sel & (y == 0)].sum())
+
+
+def test_guarded_threshold_needs_evidence() -> None:
+    rng = np.random.default_rng(0)
+    # few patients, a small gain: stays at 0.5
+    y = np.array([0] * 10 + [1] * 10)
+    p = np.r_[rng.uniform(0.0, 0.45, 9), [0.55], rng.uniform(0.45, 1.0, 10)]
+    assert choose_threshold_guarded(y, p) == 0.5
+    # many patients, scores all shifted up by 0.3: the tuned cut is taken
+    y = np.r_[np.zeros(2000), np.ones(2000)].astype(int)
+    p = np.clip(np.r_[rng.uniform(0.3, 0.75, 2000), rng.uniform(0.85, 1.0, 2000)], 0, 1)
+    t = choose_threshold_guarded(y, p)
+    assert 0.75 <= t <= 0.85
+    assert choose_threshold_guarded(np.ones(4), np.full(4, 0.2)) == 0.5
+
+
+def test_auto_members_depend_on_bag_count_and_are_reproducible() -> None:
+    st = store_of(n_patients=30, signal=3.0)
+    m = MILClassifier(max_epochs=6).fit(st)
+    assert m.config_.members == 5 and len(m.member_best_epochs_) == 5
+    assert m.inner_val_ids_ == []
+    p = m.predict_proba(st)
+    np.testing.assert_array_equal(p, MILClassifier(max_epochs=6).fit(st).predict_proba(st))
+    assert np.isfinite(p).all() and len(m.attention(st)) == st.n_patients
+    one = MILClassifier(max_epochs=6, members=1).fit(st)
+    assert one.config_.members == 1 and len(one.inner_val_ids_) > 0
+    # the ensemble is at least as good as chance on a planted signal
+    assert (m.predict(st) == st.labels).mean() > 0.8
+
+
+def test_bad_member_settings() -> None:
+    from lymph.errors import LymphError
+
+    st = store_of(n_patients=20)
+    for bad in ({"members": 0}, {"members": "many"}, {"inner_folds": 1}, {"members": True}):
+        with pytest.raises(LymphError, match="members|inner_folds"):
+            MILClassifier(**bad).fit(st)
