@@ -127,7 +127,7 @@ def _params(est: Any) -> dict[str, Any]:
 # ---- the default model set ---------------------------------------------------------------------
 MODEL_NAMES = ("adaboost", "logistic", "clinical-mlp", "mean+clinical", "max+clinical",
                "attention+clinical", "gated+clinical", "attention-images-only",
-               "mixture-of-experts", "late-fusion")
+               "mixture-of-experts", "late-fusion", "bag-stats-forest")
 
 
 def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], list[str]]:
@@ -164,6 +164,11 @@ def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], lis
         IMAGES_CLINICAL, "attention", "mixture of an image and a clinical expert")
     specs["late-fusion"] = ModelSpec(lambda: LateFusion(seed=seed), IMAGES_CLINICAL, None,
                                      "late fusion: pooled image score + clinical, logistic")
+    from lymph.baselines.bag_stats import BagStatsForest  # issue 17: does attention earn its place?
+
+    specs["bag-stats-forest"] = ModelSpec(
+        lambda: BagStatsForest(seed=seed), IMAGES_CLINICAL if list(store.clinical_columns) else IMAGES,
+        None, "random forest (500 trees) on per-bag [mean, max, min] (+ clinical columns)")
     notes: list[str] = []
     if not list(store.clinical_columns):
         skipped = [n for n, s in specs.items() if s.inputs != IMAGES]
