@@ -166,9 +166,39 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
         k = min(k, int(np.bincount(y, minlength=2).min()))  # stratified: each fold both classes
         return k if k >= 2 else 1
 
-    def fit(self, store: Any) -> MILClassifier:
+    def fit(self, X: Any, y: Any = None, clinical: Any = None) -> MILClassifier:
+        """Fit on a store (``fit(store)``: its labelled patients) or on plain arrays
+        (``fit(bags, y, clinical=None)``: a list of ``(n_i, d)`` arrays, one label per bag,
+        any two label values; see :mod:`lymph.head.arrays`)."""
+        from lymph.head.arrays import is_store, store_from_arrays
+
+        if is_store(X):
+            if y is not None or clinical is not None:
+                raise LymphError("fit: a store carries its own labels and clinical columns; "
+                                 "expected fit(store) or fit(bags, y, clinical=None)")
+            store, classes = X, None
+        else:
+            if y is None:
+                raise LymphError("y: expected one label per bag with fit(bags, y), got None")
+            store, classes = store_from_arrays(X, y, clinical)
         with _threads(self.n_threads):
-            return self._fit(store)
+            self._fit(store)
+        if classes is not None:
+            self.classes_ = classes
+        return self
+
+    def _as_store(self, X: Any, clinical: Any) -> Any:
+        from lymph.head.arrays import is_store, store_from_arrays
+
+        if not hasattr(self, "model_"):
+            raise LymphError("MILClassifier: not fitted (call fit first)")
+        if is_store(X):
+            if clinical is not None:
+                raise LymphError("clinical: a store carries its own clinical columns; "
+                                 "expected clinical=None with a store")
+            return X
+        return store_from_arrays(X, None, clinical, dim=self.dim_ if self.images else None,
+                                 n_clinical=len(self.clinical_columns_))[0]
 
     def _fit(self, store: Any) -> MILClassifier:
         from sklearn.model_selection import train_test_split
@@ -298,19 +328,28 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
         with _threads(getattr(self, "n_threads", 1)):
             return forward_groups(self.model_, groups, rows.size, want_weights)
 
-    def predict_proba(self, store: Any) -> np.ndarray:
-        logits, _ = self._forward(store, False)
+    def predict_proba(self, X: Any, clinical: Any = None) -> np.ndarray:
+        """``(n, 2)``: P(classes_[0]), P(classes_[1]) per patient of a store or per bag."""
+        logits, _ = self._forward(self._as_store(X, clinical), False)
         p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
         return np.stack([1.0 - p, p], axis=1)
 
-    def predict(self, store: Any) -> np.ndarray:
-        return (self.predict_proba(store)[:, 1] >= self.threshold_).astype(np.int64)
+    def predict(self, X: Any, clinical: Any = None) -> np.ndarray:
+        """``classes_[1]`` where P >= ``threshold_`` (0/1 for a store)."""
+        pred = (self.predict_proba(X, clinical)[:, 1] >= self.threshold_).astype(np.int64)
+        return np.asarray(self.classes_)[pred]
 
-    def attention(self, store: Any) -> list[np.ndarray]:
+    def score(self, X: Any, y: Any, sample_weight: Any = None, clinical: Any = None) -> float:
+        """Accuracy of :meth:`predict` (scikit-learn's default score)."""
+        from sklearn.metrics import accuracy_score
+
+        return float(accuracy_score(y, self.predict(X, clinical), sample_weight=sample_weight))
+
+    def attention(self, X: Any, clinical: Any = None) -> list[np.ndarray]:
         """Per patient, the pooling weight of each instance (store order; sums to 1)."""
         if not self.images:
             raise LymphError("MILClassifier(images=False): a clinical-only model has no "
                              "instance weights")
-        _, w = self._forward(store, True)
+        _, w = self._forward(self._as_store(X, clinical), True)
         assert w is not None
         return w
