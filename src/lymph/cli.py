@@ -176,6 +176,29 @@ def store_concat(
                f"dim {s.dim} = {blocks}")
 
 
+@store_app.command("import")
+@handles_errors
+def store_import(
+    sources: Annotated[list[Path], typer.Argument(help="Per-bag .h5/.pt files or folders of them (a 'features' (n, d) array each; the bag id is the file name), or one instance table (.csv, .parquet).")],
+    out: Annotated[Path, typer.Option("--out", help="Store to write (.h5).")],
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV with a header: bag id, label (1, 0, -1 or empty = unknown) and any --clinical columns.")] = None,
+    id_column: Annotated[str, typer.Option(help="Bag id column (labels CSV and instance table).")] = "id",
+    label_column: Annotated[str, typer.Option(help="Label column (labels CSV, or the table's own).")] = "label",
+    positive: Annotated[Optional[str], typer.Option(help="The label value meaning 1 (others 0, empty unknown), for labels other than 0/1.")] = None,
+    clinical: Annotated[Optional[str], typer.Option(help="Comma-separated numeric columns of the labels CSV to store as clinical features.")] = None,
+    features_key: Annotated[str, typer.Option(help="Dataset (.h5) or dict key (.pt) holding the (n, d) features.")] = "features",
+) -> None:
+    """Write a format-1 store from other tools' features (streamed; see docs/store-format.md)."""
+    from lymph.store_import import import_store
+
+    cols = [c.strip() for c in clinical.split(",") if c.strip()] if clinical else []
+    r = import_store(list(sources), out, labels=labels, id_column=id_column,
+                     label_column=label_column, positive=positive, clinical=cols,
+                     features_key=features_key)
+    typer.echo(f"wrote {r['path']}: {r['instances']} instances of dim {r['dim']} in {r['bags']} "
+               f"bags ({r['labelled']} labelled) from {r['kind']}")
+
+
 @store_app.command("info")
 @handles_errors
 def store_info(
