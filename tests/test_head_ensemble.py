@@ -95,3 +95,24 @@ def test_bad_member_settings() -> None:
     for bad in ({"members": 0}, {"members": "many"}, {"inner_folds": 1}, {"members": True}):
         with pytest.raises(LymphError, match="members|inner_folds"):
             MILClassifier(**bad).fit(st)
+
+
+def test_dsmil_pooling_padding_invariant_and_in_the_ensemble() -> None:
+    from lymph.head.pooling import DSMILPool
+
+    torch.manual_seed(0)
+    pool = DSMILPool(6, 8)
+    x = torch.randn(1, 5, 6)
+    alone, a1 = pool(x, torch.ones(1, 5, dtype=torch.bool))
+    padded = torch.cat([x, torch.full((1, 3, 6), 50.0)], dim=1)  # wild padding values
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    out, a2 = pool(padded, mask)
+    torch.testing.assert_close(out, alone)
+    assert out.shape == (1, 7) and float(a2[0, 5:].detach().abs().sum()) == 0.0
+    torch.testing.assert_close(a2[:, :5], a1)
+    # its score is the max instance score
+    torch.testing.assert_close(out[0, 6], pool.c(x).max().detach(), atol=1e-6, rtol=1e-6)
+    test_stacked_members_equal_separate_heads("dsmil", 3)
+    st = store_of(n_patients=30, signal=3.0)
+    m = MILClassifier(pooling="dsmil", max_epochs=8).fit(st)
+    assert np.isfinite(m.predict_proba(st)).all() and m.config_.members == 5

@@ -223,7 +223,7 @@ def store_info(
 @handles_errors
 def fit_head(
     store: Annotated[Path, typer.Option("--store", help="Embedding store (STORE.h5).")],
-    pooling: Annotated[str, typer.Option(help="attention, gated, mean or max.")] = "attention",
+    pooling: Annotated[str, typer.Option(help="attention, gated, mean, max or dsmil (dual stream: max-instance score + attention anchored on it).")] = "attention",
     folds: Annotated[int, typer.Option(help="Stratified patient-level folds.")] = 5,
     repeats: Annotated[int, typer.Option(help="Repeats of the k-fold CV (seed + r each).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of folds, inner splits, weights, batches.")] = 0,

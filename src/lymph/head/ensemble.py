@@ -75,6 +75,8 @@ class MILEnsemble(nn.Module):
         if name in ("mean", "max"):  # no parameters: the same for every member
             pooled, a = self._base[0].pool.__class__()(x, mask)  # (B, D), (B, N)
             return pooled.expand(k, b, d), a.expand(k, b, n)
+        if name not in ("attention", "gated"):  # other poolings: vmap over the members
+            return self._pool_vmap(x, mask)
         flat = mask.reshape(-1).nonzero().squeeze(1)  # (n_real,)
         real = x.reshape(-1, d).index_select(0, flat)  # (n_real, D)
 
@@ -90,6 +92,15 @@ class MILEnsemble(nn.Module):
         a = masked_softmax(s, mask.repeat(k, 1)).view(k, b, n)
         pooled = torch.matmul(a.transpose(0, 1), x).transpose(0, 1)  # (B,K,N)@(B,N,D) -> (K,B,D)
         return pooled, a
+
+    def _pool_vmap(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any pooling module, all members at once through ``torch.func.vmap``."""
+        from torch.func import functional_call, vmap
+
+        pool = self._base[0].pool
+        p = {n[len("pool."):]: self._p(n) for n in self.names if n.startswith("pool.")}
+        return vmap(lambda p_, x_, m_: functional_call(pool, p_, (x_, m_)),
+                    in_dims=(0, None, None))(p, x, mask)
 
     def members(self, x: torch.Tensor | None, mask: torch.Tensor | None,
                 clin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

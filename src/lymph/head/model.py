@@ -69,7 +69,7 @@ class MILHead(nn.Module):
         self.cfg = cfg
         self.pool = make_pooling(cfg.pooling, cfg.dim, cfg.attention_hidden) if cfg.images else None
         layers: list[nn.Module] = []
-        width = cfg.dim + cfg.n_clinical
+        width = (getattr(self.pool, "out_dim", cfg.dim) if self.pool is not None else 0) + cfg.n_clinical
         for h in cfg.mlp:
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout)]
             width = h
