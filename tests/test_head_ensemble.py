@@ -116,3 +116,25 @@ def test_dsmil_pooling_padding_invariant_and_in_the_ensemble() -> None:
     st = store_of(n_patients=30, signal=3.0)
     m = MILClassifier(pooling="dsmil", max_epochs=8).fit(st)
     assert np.isfinite(m.predict_proba(st)).all() and m.config_.members == 5
+
+
+def test_parallel_folds_give_identical_results() -> None:
+    from lymph.compare import compare, default_models
+    from lymph.head.evaluate import cross_validate, make_folds
+
+    st = store_of(n_patients=30, signal=3.0)
+    fl = make_folds(st.labels, 3, 1, 0)
+    a = cross_validate(lambda: MILClassifier(max_epochs=4), st, fl)
+    b = cross_validate(lambda: MILClassifier(max_epochs=4), st, fl, n_jobs=2)
+    np.testing.assert_array_equal(a.oof, b.oof)
+    assert [f.metrics for f in a.folds] == [f.metrics for f in b.folds]
+    specs, _ = default_models(st)
+    few = {n: specs[n] for n in ("logistic", "attention-images-only")}
+    r1 = compare(st, few, folds=3, seed=0)
+    r2 = compare(st, few, folds=3, seed=0, n_jobs=2)
+    for n in few:
+        np.testing.assert_array_equal(r1.models[n].cv.oof, r2.models[n].cv.oof)
+    att1, att2 = r1.models["attention-images-only"].attention, r2.models["attention-images-only"].attention
+    assert set(att1) == set(att2) == set(map(str, st.ids))
+    for k in att1:
+        np.testing.assert_array_equal(att1[k], att2[k])

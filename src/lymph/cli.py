@@ -244,6 +244,7 @@ def fit_head(
     threads: Annotated[int, typer.Option(help="Torch threads (1 is fastest for this small head).")] = 1,
     fusion: Annotated[str, typer.Option(help="concat (pooled images + clinical -> MLP) or late (pooled image score + clinical -> logistic regression; ignores the MLP options).")] = "concat",
     members: Annotated[str, typer.Option(help="'auto' (an inner-CV ensemble of 5 heads below 1000 fit patients, else one head) or a number of heads (1 = one head on an inner split).")] = "auto",
+    jobs: Annotated[int, typer.Option(help="Folds run in this many processes (same results for a seed; e.g. the number of cores).")] = 1,
 ) -> None:
     """Cross-validate a MIL head (pooling + clinical MLP) on a store; save the final model."""
     from rich.console import Console
@@ -260,7 +261,7 @@ def fit_head(
             clinical=not no_clinical, images=not no_images, threshold=threshold,
             max_epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay,
             dropout=dropout, batch_size=batch_size, attention_hidden=attention_hidden,
-            n_threads=threads, fusion=fusion, members=parse_members(members))
+            n_threads=threads, fusion=fusion, members=parse_members(members), n_jobs=jobs)
     r = res.report
     table = Table(title=f"{r['model']}: {folds}-fold x {repeats}, {r['n_patients']} patients, "
                         f"{r['seconds']:.1f} s", min_width=64)
@@ -339,6 +340,7 @@ def compare_baselines(
     images: Annotated[Optional[Path], typer.Option("--images", help="Image cache for the montages (default: the image files named in the store).")] = None,
     montages: Annotated[bool, typer.Option(help="Montages of the misclassified patients in the report.")] = True,
     folds_from_store: Annotated[bool, typer.Option("--folds-from-store", help="Use stage one's folds recorded in a weak store (one repeat; --folds/--repeats ignored), to measure stacking optimism.")] = False,
+    jobs: Annotated[int, typer.Option(help="Folds of each model run in this many processes (same results for a seed).")] = 1,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
     from lymph.compare import run_compare
@@ -349,7 +351,7 @@ def compare_baselines(
         res, outputs = run_compare(store, folds=folds, repeats=repeats, seed=seed, out=out,
                                    json_path=json_out, models=models, images=images,
                                    montages=montages, progress=lambda n, d, t: update(),
-                                   folds_from_store=folds_from_store)
+                                   folds_from_store=folds_from_store, n_jobs=jobs)
     print_comparison(res)
     for note in res.notes:
         typer.echo(f"note: {note}")

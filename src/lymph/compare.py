@@ -196,24 +196,25 @@ def select_models(specs: dict[str, ModelSpec], names: str | list[str] | None) ->
 
 
 class _Recorder:
-    """Wraps an estimator inside the CV: ``predict_proba`` also keeps each test patient's
-    instance weights (first time a patient is scored, i.e. its repeat-0 fold)."""
+    """Wraps an estimator inside the CV: ``cv_extra`` returns each test patient's instance
+    weights (kept by :func:`compare` the first time a patient is scored, i.e. in its
+    repeat-0 fold); returned rather than stored, so that it works in fold worker processes."""
 
-    def __init__(self, est: Any, sink: dict[str, np.ndarray]) -> None:
-        self.est, self.sink = est, sink
+    def __init__(self, est: Any) -> None:
+        self.est = est
 
     def fit(self, store: Any) -> _Recorder:
         self.est.fit(store)
         return self
 
     def predict_proba(self, store: Any) -> np.ndarray:
-        p = self.est.predict_proba(store)
+        return self.est.predict_proba(store)
+
+    def cv_extra(self, store: Any) -> dict[str, Any]:
         if hasattr(self.est, "attention") and getattr(self.est, "images", True) is not False:
-            new = [k for k, pid in enumerate(store.ids) if str(pid) not in self.sink]
-            if new:
-                for k, w in zip(new, self.est.attention(store.subset(new))):
-                    self.sink[str(store.ids[k])] = np.asarray(w)
-        return p
+            return {"attention": dict(zip(map(str, store.ids),
+                                          map(np.asarray, self.est.attention(store))))}
+        return {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["est"], name)
@@ -242,13 +243,14 @@ def paired(a: ModelResult, b: ModelResult) -> dict[str, Any]:
 def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], Any]],
             folds: int = 5, repeats: int = 1, seed: int = 0,
             progress: Callable[[str, int, int], None] | None = None,
-            fold_list: list[Fold] | None = None) -> ComparisonResult:
+            fold_list: list[Fold] | None = None, n_jobs: int = 1) -> ComparisonResult:
     """Cross-validate every model on the same folds (one :func:`make_folds` call).
 
     ``models`` maps names to :class:`ModelSpec` (or bare factories, treated as
     images + clinical models). ``progress(name, done, total)`` is called after each fold.
     ``fold_list`` replaces the folds (e.g. stage one's, :func:`folds_from_store`); then
-    ``folds`` and ``repeats`` are taken from it.
+    ``folds`` and ``repeats`` are taken from it. ``n_jobs``: folds of each model in that many
+    worker processes (same results, see :func:`~lymph.head.evaluate.cross_validate`).
     """
     from lymph.baselines import blas_threads
 
@@ -271,8 +273,12 @@ def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], An
         for name, spec in specs.items():
             cb = None if progress is None else (lambda d, t, n=name: progress(n, d, t))
             sink: dict[str, np.ndarray] = {}
-            cv = cross_validate(lambda s=spec, k=sink: _Recorder(s.make(), k), store, fold_list,
-                                progress=cb)
+            extras: dict[int, dict[str, Any]] = {}
+            cv = cross_validate(lambda s=spec: _Recorder(s.make()), store, fold_list,
+                                progress=cb, n_jobs=n_jobs, extras=extras)
+            for k in sorted(extras):  # fold order: a patient's first (repeat-0) scoring wins
+                for pid, w in extras[k].get("attention", {}).items():
+                    sink.setdefault(pid, w)
             results[name] = ModelResult(name, spec, cv, summarise(cv), _params(spec.make()), sink)
     res = ComparisonResult(
         models=results, folds=fold_list, n_folds=folds, repeats=repeats, seed=seed,
@@ -307,7 +313,7 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
                 out: Any = None, json_path: Any = None, models: str | list[str] | None = None,
                 images: Any = None, montages: bool = True,
                 progress: Callable[[str, int, int], None] | None = None,
-                folds_from_store: bool = False,
+                folds_from_store: bool = False, n_jobs: int = 1,
                 ) -> tuple[ComparisonResult, dict[str, Any]]:
     """``lymph compare-baselines``: open the store, compare, write ``--json`` and the report.
 
@@ -338,7 +344,7 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
         notes.append(f"folds: stage one's {len(fold_list)} folds (--folds-from-store), one "
                      "repeat; --folds and --repeats ignored")
     res = compare(s, specs, folds=folds, repeats=repeats, seed=seed, progress=progress,
-                  fold_list=fold_list)
+                  fold_list=fold_list, n_jobs=n_jobs)
     res.notes[:0] = notes
     outputs: dict[str, Any] = {}
     if json_path is not None:

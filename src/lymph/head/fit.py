@@ -74,7 +74,7 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
              oof_path: str | os.PathLike[str] | None = None,
              plot_path: str | os.PathLike[str] | None = None,
              progress: Any = None, fusion: str = "concat", fold_list: list[Any] | None = None,
-             **params: Any) -> FitHeadResult:
+             n_jobs: int = 1, **params: Any) -> FitHeadResult:
     """Cross-validate ``MILClassifier(pooling=..., **params)`` and save the final model.
 
     ``store`` is a path or an open store. Defaults: the OOF CSV and PR curve go beside
@@ -110,7 +110,7 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
         fold_list = make_folds(s.labels, folds, repeats, seed)
     from sklearn.base import clone
 
-    cv = cross_validate(lambda: clone(proto), s, fold_list, progress=progress)
+    cv = cross_validate(lambda: clone(proto), s, fold_list, progress=progress, n_jobs=n_jobs)
     summary = summarise(cv)
     report: dict[str, Any] = {
         "pooling": pooling if images and fusion == "concat" else None,
