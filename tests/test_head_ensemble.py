@@ -25,7 +25,7 @@ def store_of(**kw) -> EmbeddingStore:
                           clinical=d["clinical"], clinical_columns=d["clinical_columns"])
 
 
-@pytest.mark.parametrize("pooling", ["attention", "gated", "mean", "max"])
+@pytest.mark.parametrize("pooling", ["attention", "gated", "mean", "max", "dsmil"])
 @pytest.mark.parametrize("n_clinical", [0, 3])
 def test_stacked_members_equal_separate_heads(pooling: str, n_clinical: int) -> None:
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ class MILEnsemble(nn.Module):
         if name in ("mean", "max"):  # no parameters: the same for every member
             pooled, a = self._base[0].pool.__class__()(x, mask)  # (B, D), (B, N)
             return pooled.expand(k, b, d), a.expand(k, b, n)
-        if name not in ("attention", "gated"):  # other poolings: vmap over the members
+        if name not in ("attention", "gated", "dsmil"):  # others: vmap over the members
             return self._pool_vmap(x, mask)
         flat = mask.reshape(-1).nonzero().squeeze(1)  # (n_real,)
         real = x.reshape(-1, d).index_select(0, flat)  # (n_real, D)
@@ -83,6 +84,9 @@ class MILEnsemble(nn.Module):
         def proj(layer: str) -> torch.Tensor:  # (n_real, K, H)
             w, bias = self._p(f"pool.{layer}.weight"), self._p(f"pool.{layer}.bias")  # (K, H, D)
             return (real @ w.reshape(-1, d).T + bias.reshape(-1)).view(real.shape[0], k, -1)
+
+        if name == "dsmil":
+            return self._dsmil(x, mask, flat, proj)
 
         t = torch.tanh(proj("V"))
         if name == "gated":
@@ -92,6 +96,27 @@ class MILEnsemble(nn.Module):
         a = masked_softmax(s, mask.repeat(k, 1)).view(k, b, n)
         pooled = torch.matmul(a.transpose(0, 1), x).transpose(0, 1)  # (B,K,N)@(B,N,D) -> (K,B,D)
         return pooled, a
+
+    def _dsmil(self, x: torch.Tensor, mask: torch.Tensor, flat: torch.Tensor, proj: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:class:`~lymph.head.pooling.DSMILPool` for all members at once."""
+        k, (b, n, _) = self._k(), x.shape
+        neg = torch.finfo(x.dtype).min
+        c_real = proj("c")[:, :, 0].T  # (K, n_real) instance scores
+        c = torch.zeros(k, b * n, dtype=x.dtype).index_add(1, flat, c_real).view(k, b, n)
+        c = c.masked_fill(~mask, neg)
+        c_max, m = c.max(dim=2)  # (K, B): the critical instance of each bag, per member
+        q = torch.tanh(proj("Q")).transpose(0, 1)  # (K, n_real, H)
+        inv = torch.zeros(b * n, dtype=torch.long).index_put((flat,), torch.arange(flat.numel()))
+        crit = inv[(torch.arange(b) * n).unsqueeze(0) + m]  # (K, B) index among real instances
+        qm = q.gather(1, crit.unsqueeze(-1).expand(-1, -1, q.shape[2]))  # (K, B, H)
+        bag_of = flat // n  # (n_real,)
+        s_real = (q * qm[:, bag_of]).sum(-1) / q.shape[2] ** 0.5  # (K, n_real)
+        s = torch.zeros(k, b * n, dtype=x.dtype).index_add(1, flat, s_real).view(k * b, n)
+        a = masked_softmax(s, mask.repeat(k, 1)).view(k, b, n)
+        pooled = torch.matmul(a.transpose(0, 1), x).transpose(0, 1)  # (K, B, D)
+        c_max = torch.where(mask.any(dim=1), c_max, torch.zeros_like(c_max))
+        return torch.cat([pooled, c_max.unsqueeze(-1)], dim=2), a
 
     def _pool_vmap(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Any pooling module, all members at once through ``torch.func.vmap``."""
