@@ -39,9 +39,10 @@ def make_cohort(n_patients: int = 10_000, cells: int = 1_130_000, dim: int = 60,
     emb[hit] += signal * direction
     clinical = rng.normal(size=(n_patients, 3)).astype(np.float32)
     clinical[:, 0] += 0.5 * labels
-    return dict(embeddings=emb, patient_ptr=ptr, ids=[f"C{i:05d}" for i in range(n_patients)],
-                labels=labels, clinical=clinical, clinical_columns=["age_z", "lab_a", "lab_b"],
-                provenance={"method": "synthetic-cohort", "seed": seed, "signal": signal})
+    return {"embeddings": emb, "patient_ptr": ptr,
+            "ids": [f"C{i:05d}" for i in range(n_patients)], "labels": labels,
+            "clinical": clinical, "clinical_columns": ["age_z", "lab_a", "lab_b"],
+            "provenance": {"method": "synthetic-cohort", "seed": seed, "signal": signal}}
 
 
 def main() -> None:

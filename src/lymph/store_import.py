@@ -96,7 +96,7 @@ def _load_bag(path: Path, key: str) -> np.ndarray:
 
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError for foreign objects, others for damage
+        except Exception as e:  # noqa: BLE001 - UnpicklingError for foreign objects, others for damage
             raise LymphError(f"{path}: not loadable with torch.load(weights_only=True) "
                              f"({type(e).__name__}: {str(e)[:200]})") from None
         if isinstance(obj, dict):
@@ -116,7 +116,7 @@ def _load_bag(path: Path, key: str) -> np.ndarray:
             return np.asarray(f[key][()])
     except LymphError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - h5py raises OSError and others for damaged files
         raise LymphError(f"{path}: not a readable HDF5 file ({type(e).__name__}: {e})") from None
 
 
@@ -298,7 +298,7 @@ def _refuse_foreign(out: Path) -> None:
         try:
             with h5py.File(out, "r") as f:
                 ok = f.attrs.get("encoding-type") in ("lymph-embeddings", b"lymph-embeddings")
-        except Exception:
+        except Exception:  # noqa: BLE001 - not HDF5 at all: a foreign file
             ok = False
     if not ok:
         raise LymphError(f"{out}: exists and is not a lymph embedding store; refusing to "
