@@ -138,3 +138,11 @@ def test_parallel_folds_give_identical_results() -> None:
     assert set(att1) == set(att2) == set(map(str, st.ids))
     for k in att1:
         np.testing.assert_array_equal(att1[k], att2[k])
+
+
+def test_scaled_patience() -> None:
+    from lymph.head.estimator import scaled_patience
+
+    assert scaled_patience(15, 80) == 15 and scaled_patience(15, 1000) == 15
+    assert scaled_patience(15, 2000) == 8 and scaled_patience(15, 8000) == 3
+    assert scaled_patience(15, 10**6) == 3 and scaled_patience(2, 10**6) == 2

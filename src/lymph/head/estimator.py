@@ -66,6 +66,20 @@ def _threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(old)
 
 
+#: ``patience`` counts epochs of up to this many training patients (see scaled_patience).
+PATIENCE_PATIENTS = 1000
+
+
+def scaled_patience(patience: int, n_train: int, floor: int = 3) -> int:
+    """Early-stopping patience measured in patients seen rather than epochs: ``patience``
+    epochs up to :data:`PATIENCE_PATIENTS` training patients, proportionally fewer epochs
+    above (at least ``floor``, never more than ``patience``). 8,000 patients: 15 -> 3
+    epochs, i.e. still 24,000 patients seen without improvement. Small stores unchanged."""
+    if n_train <= PATIENCE_PATIENTS:
+        return patience
+    return min(patience, max(floor, int(np.ceil(patience * PATIENCE_PATIENTS / n_train))))
+
+
 def _where(store: Any) -> str:
     return str(store.path) if getattr(store, "path", None) is not None else "store"
 
@@ -290,8 +304,8 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
         va_groups = self._groups(store, rows[va], zc[va], y[va]) if va.size else None
         res = train(self.model_, tr_groups, va_groups, va.size, lr=self.lr,
                     weight_decay=self.weight_decay, max_epochs=self.max_epochs,
-                    patience=self.patience, batch_size=self.batch_size,
-                    rng=np.random.default_rng(self.seed))
+                    patience=scaled_patience(self.patience, tr.size),
+                    batch_size=self.batch_size, rng=np.random.default_rng(self.seed))
         val_logits = (forward_groups(self.model_, va_groups, va.size)[0] if va_groups
                       else np.zeros(0, np.float32))
         return res, val_logits
