@@ -132,7 +132,7 @@ def _params(est: Any) -> dict[str, Any]:
 # ---- the default model set ---------------------------------------------------------------------
 MODEL_NAMES = ("adaboost", "logistic", "clinical-mlp", "mean+clinical", "max+clinical",
                "attention+clinical", "gated+clinical", "attention-images-only",
-               "mixture-of-experts", "late-fusion")
+               "mixture-of-experts", "late-fusion", "bag-stats-forest")
 
 
 def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], list[str]]:
@@ -169,6 +169,11 @@ def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], lis
         IMAGES_CLINICAL, "attention", "mixture of an image and a clinical expert")
     specs["late-fusion"] = ModelSpec(lambda: LateFusion(seed=seed), IMAGES_CLINICAL, None,
                                      "late fusion: pooled image score + clinical, logistic")
+    from lymph.baselines.bag_stats import BagStatsForest  # issue 17: does attention earn its place?
+
+    specs["bag-stats-forest"] = ModelSpec(
+        lambda: BagStatsForest(seed=seed), IMAGES_CLINICAL if list(store.clinical_columns) else IMAGES,
+        None, "random forest (500 trees) on per-bag [mean, max, min] (+ clinical columns)")
     notes: list[str] = []
     if not list(store.clinical_columns):
         skipped = [n for n, s in specs.items() if s.inputs != IMAGES]
@@ -196,32 +201,34 @@ def select_models(specs: dict[str, ModelSpec], names: str | list[str] | None) ->
 
 
 class _Recorder:
-    """Wraps an estimator inside the CV: ``predict_proba`` also keeps each test patient's
-    instance weights (first time a patient is scored, i.e. its repeat-0 fold)."""
+    """Wraps an estimator inside the CV: ``cv_extra`` returns the fold's coefficients and each
+    test patient's instance weights and cell scores (kept by :func:`compare` the first time a
+    patient is scored, i.e. in its repeat-0 fold); returned rather than stored, so that it
+    works in fold worker processes."""
 
-    def __init__(self, est: Any, sink: dict[str, np.ndarray],
-                 scores: dict[str, np.ndarray] | None = None,
-                 coefs: list[dict[str, float]] | None = None) -> None:
-        self.est, self.sink = est, sink
-        self.scores, self.coefs = scores, coefs
+    def __init__(self, est: Any) -> None:
+        self.est = est
 
     def fit(self, store: Any) -> _Recorder:
         self.est.fit(store)
-        if self.coefs is not None and hasattr(self.est, "coefficients"):
-            self.coefs.append(dict(self.est.coefficients()))
         return self
 
     def predict_proba(self, store: Any) -> np.ndarray:
-        p = self.est.predict_proba(store)
+        return self.est.predict_proba(store)
+
+    def cv_extra(self, store: Any) -> dict[str, Any]:
+        """The fitted model's coefficients, and each test patient's instance weights and cell
+        scores (models that have them)."""
+        extra: dict[str, Any] = {}
+        if hasattr(self.est, "coefficients"):
+            extra["coefficients"] = dict(self.est.coefficients())
         if hasattr(self.est, "attention") and getattr(self.est, "images", True) is not False:
-            new = [k for k, pid in enumerate(store.ids) if str(pid) not in self.sink]
-            if new:
-                for k, w in zip(new, self.est.attention(store.subset(new))):
-                    self.sink[str(store.ids[k])] = np.asarray(w)
-                if self.scores is not None and hasattr(self.est, "cell_scores"):
-                    for k, w in zip(new, self.est.cell_scores(store.subset(new))):
-                        self.scores[str(store.ids[k])] = np.asarray(w)
-        return p
+            ids = [str(pid) for pid in store.ids]
+            extra["attention"] = dict(zip(ids, map(np.asarray, self.est.attention(store))))
+            if hasattr(self.est, "cell_scores"):
+                extra["cell_scores"] = dict(zip(ids, map(np.asarray,
+                                                         self.est.cell_scores(store))))
+        return extra
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["est"], name)
@@ -250,13 +257,14 @@ def paired(a: ModelResult, b: ModelResult) -> dict[str, Any]:
 def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], Any]],
             folds: int = 5, repeats: int = 1, seed: int = 0,
             progress: Callable[[str, int, int], None] | None = None,
-            fold_list: list[Fold] | None = None) -> ComparisonResult:
+            fold_list: list[Fold] | None = None, n_jobs: int = 1) -> ComparisonResult:
     """Cross-validate every model on the same folds (one :func:`make_folds` call).
 
     ``models`` maps names to :class:`ModelSpec` (or bare factories, treated as
     images + clinical models). ``progress(name, done, total)`` is called after each fold.
     ``fold_list`` replaces the folds (e.g. stage one's, :func:`folds_from_store`); then
-    ``folds`` and ``repeats`` are taken from it.
+    ``folds`` and ``repeats`` are taken from it. ``n_jobs``: folds of each model in that many
+    worker processes (same results, see :func:`~lymph.head.evaluate.cross_validate`).
     """
     from lymph.baselines import blas_threads
 
@@ -281,8 +289,16 @@ def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], An
             sink: dict[str, np.ndarray] = {}
             scores: dict[str, np.ndarray] = {}
             coefs: list[dict[str, float]] = []
-            cv = cross_validate(lambda s=spec, k=sink: _Recorder(s.make(), k, scores, coefs),
-                                store, fold_list, progress=cb)
+            extras: dict[int, dict[str, Any]] = {}
+            cv = cross_validate(lambda s=spec: _Recorder(s.make()), store, fold_list,
+                                progress=cb, n_jobs=n_jobs, extras=extras)
+            for k in sorted(extras):  # fold order: a patient's first (repeat-0) scoring wins
+                for pid, w in extras[k].get("attention", {}).items():
+                    sink.setdefault(pid, w)
+                for pid, w in extras[k].get("cell_scores", {}).items():
+                    scores.setdefault(pid, w)
+                if "coefficients" in extras[k]:
+                    coefs.append(extras[k]["coefficients"])
             results[name] = ModelResult(name, spec, cv, summarise(cv), _params(spec.make()), sink,
                                         scores, coefs)
     res = ComparisonResult(
@@ -321,6 +337,7 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
                 folds_from_store: bool = False, chosen: str | None = None,
                 target_sensitivity: float = 0.95,
                 predict_unlabelled: Callable[[float | None], dict[str, Any] | None] | None = None,
+                n_jobs: int = 1,
                 ) -> tuple[ComparisonResult, dict[str, Any]]:
     """``lymph compare-baselines``: open the store, compare, write ``--json`` and the report.
 
@@ -361,7 +378,7 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
         notes.append(f"folds: stage one's {len(fold_list)} folds (--folds-from-store), one "
                      "repeat; --folds and --repeats ignored")
     res = compare(s, specs, folds=folds, repeats=repeats, seed=seed, progress=progress,
-                  fold_list=fold_list)
+                  fold_list=fold_list, n_jobs=n_jobs)
     res.notes[:0] = notes
     outputs: dict[str, Any] = {}
     predictions = None

@@ -10,4 +10,18 @@
     modeldir.py  the self-contained model directory
     predict.py   `lymph predict`
     bench.py     fit-head speed against one-bag-per-step training
+    ensemble.py  the inner-CV ensemble of heads, trained as one vectorised network
+    arrays.py    bags as plain arrays (``MILClassifier().fit(bags, y)``)
+
+``from lymph.head import MILClassifier`` works (imported on first use: torch loads then).
 """
+
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name == "MILClassifier":
+        from lymph.head.estimator import MILClassifier
+
+        return MILClassifier
+    raise AttributeError(f"module 'lymph.head' has no attribute {name!r}")

@@ -25,6 +25,7 @@ class HeadConfig:
     attention_hidden: int = 128
     mlp: tuple[int, ...] = field(default=(256, 128))
     dropout: float = 0.25
+    members: int = 1  # > 1: an inner-CV ensemble of that many heads (lymph.head.ensemble)
 
     @property
     def images(self) -> bool:
@@ -40,6 +41,16 @@ class HeadConfig:
         d = dict(d)
         d["mlp"] = tuple(int(v) for v in d["mlp"])
         return cls(**d)
+
+
+def build_head(cfg: HeadConfig) -> nn.Module:
+    """The network of ``cfg``: one :class:`MILHead`, or with ``members > 1`` the vectorised
+    ensemble :class:`~lymph.head.ensemble.MILEnsemble` (same forward signature)."""
+    if cfg.members > 1:
+        from lymph.head.ensemble import MILEnsemble
+
+        return MILEnsemble(cfg)
+    return MILHead(cfg)
 
 
 class MILHead(nn.Module):
@@ -58,7 +69,7 @@ class MILHead(nn.Module):
         self.cfg = cfg
         self.pool = make_pooling(cfg.pooling, cfg.dim, cfg.attention_hidden) if cfg.images else None
         layers: list[nn.Module] = []
-        width = cfg.dim + cfg.n_clinical
+        width = (getattr(self.pool, "out_dim", cfg.dim) if self.pool is not None else 0) + cfg.n_clinical
         for h in cfg.mlp:
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout)]
             width = h
