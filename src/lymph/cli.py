@@ -320,6 +320,7 @@ def fit_head(
     attention_hidden: Annotated[int, typer.Option(help="Attention hidden size.")] = 128,
     threads: Annotated[int, typer.Option(help="Torch threads (1 is fastest for this small head).")] = 1,
     fusion: Annotated[str, typer.Option(help="concat (pooled images + clinical -> MLP) or late (pooled image score + clinical -> logistic regression; ignores the MLP options).")] = "concat",
+    allow_in_sample: Annotated[bool, typer.Option("--allow-in-sample", help="Run on a store whose labelled patients were scored by a label-trained encoder that trained on them (refused otherwise); the metrics JSON is marked IN-SAMPLE.")] = False,
 ) -> None:
     """Cross-validate a MIL head (pooling + clinical MLP) on a store; save the final model."""
     check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1),
@@ -350,7 +351,7 @@ def fit_head(
             clinical=not no_clinical, images=not no_images, threshold=threshold,
             max_epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay,
             dropout=dropout, batch_size=batch_size, attention_hidden=attention_hidden,
-            n_threads=threads, fusion=fusion)
+            n_threads=threads, fusion=fusion, allow_in_sample=allow_in_sample)
     r = res.report
     table = Table(title=f"{r['model']}: {folds}-fold x {repeats}, {r['n_patients']} patients, "
                         f"{r['seconds']:.1f} s", min_width=64)
@@ -365,6 +366,8 @@ def fit_head(
     if out is None:
         typer.echo("note: no model saved (cross-validation only); add --out MODEL_DIR to save "
                    "the final model for `lymph predict`")
+    if r.get("in_sample"):
+        typer.echo(f"warning: {r['in_sample']}", err=True)
 
 
 @app.command()
@@ -452,6 +455,7 @@ def compare_baselines(
     folds_from_store: Annotated[bool, typer.Option("--folds-from-store", help="Use stage one's folds recorded in a weak store (one repeat; --folds/--repeats ignored), to measure stacking optimism.")] = False,
     target_sensitivity: Annotated[float, typer.Option("--target-sensitivity", help="The report's triage operating point: sensitivity for malignancy the threshold must reach, chosen inside each training fold.")] = 0.95,
     chosen: Annotated[Optional[str], typer.Option("--chosen", help="The report's chosen model (default: the best images + clinical model by balanced accuracy).")] = None,
+    allow_in_sample: Annotated[bool, typer.Option("--allow-in-sample", help="Run on a store whose labelled patients were scored by a label-trained encoder that trained on them (refused otherwise); every output is marked IN-SAMPLE.")] = False,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
     check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1))
@@ -468,8 +472,11 @@ def compare_baselines(
                                    json_path=json_out, models=models, images=images,
                                    montages=montages, progress=lambda n, d, t: update(),
                                    folds_from_store=folds_from_store, chosen=chosen,
-                                   target_sensitivity=target_sensitivity)
+                                   target_sensitivity=target_sensitivity,
+                                   allow_in_sample=allow_in_sample)
     print_comparison(res)
+    if res.store_info.get("in_sample"):
+        typer.echo(f"warning: {res.store_info['in_sample']}", err=True)
     if "report_json" in outputs:
         from lymph.report.clinical_md import terminal_summary
 

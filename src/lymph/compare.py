@@ -321,6 +321,7 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
                 folds_from_store: bool = False, chosen: str | None = None,
                 target_sensitivity: float = 0.95,
                 predict_unlabelled: Callable[[float | None], dict[str, Any] | None] | None = None,
+                allow_in_sample: bool = False,
                 ) -> tuple[ComparisonResult, dict[str, Any]]:
     """``lymph compare-baselines``: open the store, compare, write ``--json`` and the report.
 
@@ -331,7 +332,9 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     ``chosen``: the report's chosen model (default: the best images + clinical model);
     ``target_sensitivity``: the report's triage operating point; ``predict_unlabelled(thr)``
     (``lymph run``) predicts the unlabelled patients for the report, given the chosen
-    model's cohort threshold for the target sensitivity.
+    model's cohort threshold for the target sensitivity. A store whose labelled patients were
+    scored in-sample by a label-trained encoder is refused (:mod:`lymph.insample`) unless
+    ``allow_in_sample``; then the notes, ``store.in_sample`` and the report say so.
     """
     from lymph.report.triage import check_target
 
@@ -349,10 +352,12 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     if chosen is not None and chosen not in specs:
         raise LymphError(f"--chosen: {chosen!r} is not among the models of this comparison "
                          f"({', '.join(specs)})")
-    if (s.provenance or {}).get("weak_folds"):
-        from lymph.encoder.weak import check_fold_safety
+    from lymph.insample import check_in_sample
 
-        check_fold_safety(s, checkpoints=False)
+    in_sample = check_in_sample(s, allow=allow_in_sample,
+                                images=any(sp.inputs != CLINICAL for sp in specs.values()))
+    if in_sample:
+        notes.insert(0, in_sample)
     fold_list = None
     if folds_from_store:
         from lymph.head.evaluate import folds_from_store as stage_one_folds
@@ -363,6 +368,8 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     res = compare(s, specs, folds=folds, repeats=repeats, seed=seed, progress=progress,
                   fold_list=fold_list)
     res.notes[:0] = notes
+    if in_sample:
+        res.store_info["in_sample"] = in_sample
     outputs: dict[str, Any] = {}
     predictions = None
     if predict_unlabelled is not None:
