@@ -466,7 +466,9 @@ def compare_baselines(
     from lymph.compare import run_compare
     from lymph.console import progress_bar
 
-    n_models = len(models.split(",")) if models else 10
+    from lymph.compare import MODEL_NAMES
+
+    n_models = len(models.split(",")) if models else len(MODEL_NAMES)
     with progress_bar("compare-baselines", n_models * folds * repeats) as update:
         res, outputs = run_compare(store, folds=folds, repeats=repeats, seed=seed, out=out,
                                    json_path=json_out, models=models, images=images,

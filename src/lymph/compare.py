@@ -132,15 +132,21 @@ def _params(est: Any) -> dict[str, Any]:
 # ---- the default model set ---------------------------------------------------------------------
 MODEL_NAMES = ("adaboost", "logistic", "clinical-mlp", "mean+clinical", "max+clinical",
                "attention+clinical", "gated+clinical", "attention-images-only",
-               "mixture-of-experts", "late-fusion")
+               "mixture-of-experts", "late-fusion", "composition+clinical")
+
+#: Opt-in models (``--models`` only; issue 18's composition variants: 4 or 16 prototypes,
+#: composition without clinical features).
+OPTIONAL_NAMES = ("composition4+clinical", "composition16+clinical", "composition-images-only")
 
 
-def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], list[str]]:
+def default_models(store: Any, seed: int = 0,
+                   optional: bool = False) -> tuple[dict[str, ModelSpec], list[str]]:
     """The comparison's models in report order, and notes on those skipped.
 
     Clinical-only: AdaBoost, logistic regression, the clinical MLP; images + clinical: the
     MIL head with mean, max, attention and gated attention pooling; images only: attention;
-    the mixture of experts; late fusion. On a store without clinical columns the models
+    the mixture of experts; late fusion; cell composition + clinical (``optional``: also
+    the opt-in :data:`OPTIONAL_NAMES`). On a store without clinical columns the models
     that need clinical data are skipped (with a note).
     """
     from lymph.baselines import AdaBoostClinical, LateFusion, LogisticClinical, MixtureOfExperts
@@ -169,6 +175,10 @@ def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], lis
         IMAGES_CLINICAL, "attention", "mixture of an image and a clinical expert")
     specs["late-fusion"] = ModelSpec(lambda: LateFusion(seed=seed), IMAGES_CLINICAL, None,
                                      "late fusion: pooled image score + clinical, logistic")
+    from lymph.baselines.composition import composition_specs
+
+    specs.update({n: sp for n, sp in composition_specs(ModelSpec, seed).items()
+                  if optional or n not in OPTIONAL_NAMES})
     notes: list[str] = []
     if not list(store.clinical_columns):
         skipped = [n for n, s in specs.items() if s.inputs != IMAGES]
@@ -180,12 +190,12 @@ def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], lis
 def select_models(specs: dict[str, ModelSpec], names: str | list[str] | None) -> dict[str, ModelSpec]:
     """The models named in ``names`` (comma-separated or a list), in the given order."""
     if names is None:
-        return specs
+        return {n: s for n, s in specs.items() if n not in OPTIONAL_NAMES}
     wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
-    unknown = [n for n in wanted if n not in MODEL_NAMES]
+    unknown = [n for n in wanted if n not in MODEL_NAMES + OPTIONAL_NAMES]
     if unknown:
         raise LymphError(f"--models: unknown model(s) {', '.join(unknown)}; expected names from "
-                         f"{', '.join(MODEL_NAMES)}")
+                         f"{', '.join(MODEL_NAMES + OPTIONAL_NAMES)}")
     missing = [n for n in wanted if n not in specs]
     if missing:
         raise LymphError(f"--models: {', '.join(missing)} cannot run on this store (no clinical "
@@ -236,6 +246,9 @@ def paired(a: ModelResult, b: ModelResult) -> dict[str, Any]:
             raise LymphError("paired comparison: the two models were not run on the same folds")
         out["per_fold"].append({"repeat": fa.repeat, "fold": fa.fold, **{
             m: fa.metrics[m] - fb.metrics[m] for m in ("balanced_accuracy", "roc_auc")}})
+    from lymph.intervals import corrected_interval, naive_interval
+
+    ratio = float(np.mean([f.test_rows.size / max(f.train_rows.size, 1) for f in a.cv.folds]))
     for m in ("balanced_accuracy", "roc_auc"):
         d = np.array([f[m] for f in out["per_fold"]], dtype=np.float64)
         d = d[np.isfinite(d)]
@@ -243,7 +256,10 @@ def paired(a: ModelResult, b: ModelResult) -> dict[str, Any]:
         out[m] = {"mean_difference": float(d.mean()) if d.size else float("nan"),
                   "std_difference": float(d.std()) if d.size else float("nan"),
                   "won": int((d > tol).sum()), "tied": int((np.abs(d) <= tol).sum()),
-                  "lost": int((d < -tol).sum())}
+                  "lost": int((d < -tol).sum()),
+                  # 95 % intervals of the mean difference (lymph.intervals)
+                  "ci95_corrected": list(corrected_interval(d, ratio)),
+                  "ci95_naive": list(naive_interval(d))}
     return out
 
 
@@ -347,7 +363,7 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     from lymph.store import open_store
 
     s = open_store(store) if isinstance(store, (str, os.PathLike)) else store
-    specs, notes = default_models(s, seed=seed)
+    specs, notes = default_models(s, seed=seed, optional=True)
     specs = select_models(specs, models)
     if chosen is not None and chosen not in specs:
         raise LymphError(f"--chosen: {chosen!r} is not among the models of this comparison "
