@@ -75,8 +75,8 @@ def test_compare_runs_composition_and_opt_in_variants(tmp_path: Path) -> None:
     js = tmp_path / "c.json"
     r = CliRunner().invoke(app, ["compare-baselines", "--store", str(p), "--folds", "3", "--json",
                                  str(js), "--models",
-                                 "logistic,composition+clinical,composition4+clinical,"
-                                 "composition-images-only"])
+                                 ("logistic,composition+clinical,composition4+clinical,"
+                                  "composition-images-only")])
     assert r.exit_code == 0, r.output
     rows = {x["model"]: x for x in json.loads(js.read_text())}
     assert rows["composition-images-only"]["inputs"] == "images"
