@@ -136,7 +136,9 @@ MODEL_NAMES = ("adaboost", "logistic", "clinical-mlp", "mean+clinical", "max+cli
 
 #: Opt-in models (``--models`` only; issue 18's composition variants: 4 or 16 prototypes,
 #: composition without clinical features).
-OPTIONAL_NAMES = ("composition4+clinical", "composition16+clinical", "composition-images-only")
+#: Also opt-in: one late-fusion score per feature block of a concatenated store.
+OPTIONAL_NAMES = ("composition4+clinical", "composition16+clinical", "composition-images-only",
+                  "multi-score+clinical")
 
 
 def default_models(store: Any, seed: int = 0,
@@ -177,8 +179,14 @@ def default_models(store: Any, seed: int = 0,
                                      "late fusion: pooled image score + clinical, logistic")
     from lymph.baselines.composition import composition_specs
 
+    from lymph.baselines.multiscore import MultiScoreFusion
+
     specs.update({n: sp for n, sp in composition_specs(ModelSpec, seed).items()
                   if optional or n not in OPTIONAL_NAMES})
+    if optional:
+        specs["multi-score+clinical"] = ModelSpec(
+            lambda: MultiScoreFusion(seed=seed), IMAGES_CLINICAL, None,
+            "late fusion with one pooled score per feature block of a concatenated store")
     notes: list[str] = []
     if not list(store.clinical_columns):
         skipped = [n for n, s in specs.items() if s.inputs != IMAGES]
