@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import make_bags
 from sklearn.metrics import roc_auc_score
 
-from conftest import make_bags
 from lymph.baselines.multiscore import MultiScoreFusion, feature_blocks
 from lymph.store import EmbeddingStore
 

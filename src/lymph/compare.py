@@ -178,7 +178,6 @@ def default_models(store: Any, seed: int = 0,
     specs["late-fusion"] = ModelSpec(lambda: LateFusion(seed=seed), IMAGES_CLINICAL, None,
                                      "late fusion: pooled image score + clinical, logistic")
     from lymph.baselines.composition import composition_specs
-
     from lymph.baselines.multiscore import MultiScoreFusion
 
     specs.update({n: sp for n, sp in composition_specs(ModelSpec, seed).items()
