@@ -456,9 +456,33 @@ def compare_baselines(
     target_sensitivity: Annotated[float, typer.Option("--target-sensitivity", help="The report's triage operating point: sensitivity for malignancy the threshold must reach, chosen inside each training fold.")] = 0.95,
     chosen: Annotated[Optional[str], typer.Option("--chosen", help="The report's chosen model (default: the best images + clinical model by balanced accuracy).")] = None,
     allow_in_sample: Annotated[bool, typer.Option("--allow-in-sample", help="Run on a store whose labelled patients were scored by a label-trained encoder that trained on them (refused otherwise); every output is marked IN-SAMPLE.")] = False,
+    nested: Annotated[bool, typer.Option("--nested", help="Weak stores: retrain stage one inside every outer fold on its training patients only (needs --images: the cache the store was made from; one stage-one run per fold). Writes --json only.")] = False,
+    inner_folds: Annotated[int, typer.Option("--inner-folds", help="With --nested: stage one's own folds inside each outer training set.")] = 5,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
-    check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1))
+    check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1),
+                  inner_folds=(inner_folds, "int", 2))
+    if nested:
+        if images is None:
+            raise LymphError("--nested: expected --images CACHE (the image cache the weak store "
+                             "was made from)")
+        if out is not None or folds_from_store or allow_in_sample:
+            raise LymphError("--nested: writes --json only; drop --out, --folds-from-store and "
+                             "--allow-in-sample")
+        check_outputs({"--json": (json_out, "json")}, [store, images])
+        from lymph.console import progress_bar
+        from lymph.nested import run_nested
+
+        with progress_bar("compare-baselines --nested", folds * repeats) as update:
+            res, outputs = run_nested(store, images, folds=folds, repeats=repeats, seed=seed,
+                                      inner_folds=inner_folds, models=models, json_path=json_out,
+                                      progress=lambda n, d, t: update())
+        print_comparison(res)
+        for note in res.notes:
+            typer.echo(f"note: {note}")
+        for name, path in outputs.items():
+            typer.echo(f"wrote {name}: {path}")
+        return
     from lymph.report.triage import check_target
 
     check_target(target_sensitivity)
