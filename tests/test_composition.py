@@ -94,3 +94,21 @@ def test_corrected_interval_is_wider_than_the_naive_one() -> None:
     assert lo_c < lo_n < d.mean() < hi_n < hi_c
     # sd * sqrt(1/25 + 1/4) against sd / 5: 2.69 times wider
     assert abs((hi_c - lo_c) / (hi_n - lo_n) - np.sqrt((1 / 25 + 0.25) * 25)) < 1e-9
+
+
+def test_prototype_montage_and_table() -> None:
+    from lymph.report.prototypes import prototype_montage
+
+    s = _composition_store()
+
+    class Source:
+        def read(self, row: int) -> np.ndarray:
+            return np.full((16, 16, 3), row % 255, dtype=np.uint8)
+
+    est = CompositionFusion(n_prototypes=3, seed=0).fit(s)
+    img, table = prototype_montage(s, est, Source(), per=4)
+    assert img.size[0] >= 4 * 16 and len(table) == 3
+    # the planted type (30 % of malignant, 5 % of reactive cells) is one prototype
+    gaps = [t["share_malignant"] - t["share_reactive"] for t in table]
+    top = int(np.argmax(gaps))
+    assert gaps[top] > 0.15 and table[top]["coefficient"] > 0
