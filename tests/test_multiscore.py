@@ -43,3 +43,12 @@ def test_one_score_per_block_and_the_signal_block_counts() -> None:
     assert abs(c["a_mean"]) + abs(c["a_q75"]) > abs(c["w_mean"]) + abs(c["w_q75"])
     again = MultiScoreFusion(seed=0).fit(train).predict_proba(test)
     np.testing.assert_array_equal(again[:, 1], p)
+
+
+def test_with_composition_features() -> None:
+    train, test = _store(0), _store(1)
+    est = MultiScoreFusion(n_prototypes=3, seed=0).fit(train)
+    assert {"proto0", "proto1", "proto2", "a_mean"} <= set(est.coefficients())
+    assert len(est.coef_) == 3 + 4 + 3
+    p = est.predict_proba(test)[:, 1]
+    assert np.isfinite(p).all() and roc_auc_score(test.labels, p) > 0.8

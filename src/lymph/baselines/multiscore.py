@@ -12,6 +12,9 @@ they join the clinical features in a class-balanced L2 logistic regression whose
 chosen from ``Cs`` by inner stratified CV (log loss). The regularisation decides how much
 each source counts; :meth:`coefficients` names the features ``PREFIX_mean`` /
 ``PREFIX_qNN``. A store without prefixes is one block (then this is :class:`LateFusion`).
+With ``n_prototypes`` > 0 the cell-composition features of
+:class:`~lymph.baselines.composition.CompositionFusion` (log proportions of k-means
+prototypes of all the store's features, fitted on the fit patients' cells) join them.
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ class MultiScoreFusion(BaseEstimator, ClassifierMixin):
 
     def __init__(self, Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0), quantile: float = 0.75,
                  projection_C: float = 1.0, inner_folds: int = 5,
-                 threshold: str | float = "inner", seed: int = 0, n_threads: int | None = 1) -> None:
+                 threshold: str | float = "inner", n_prototypes: int = 0, seed: int = 0,
+                 n_threads: int | None = 1) -> None:
+        self.n_prototypes = n_prototypes
         self.Cs = Cs
         self.quantile = quantile
         self.projection_C = projection_C
@@ -97,6 +102,14 @@ class MultiScoreFusion(BaseEstimator, ClassifierMixin):
                     img = lf._bag_features(sub, rows, lf.projection_)
                 out.append(img)
             self.block_models_[name] = lf
+        if self.n_prototypes:
+            if not fitted:
+                from lymph.baselines.composition import CompositionFusion
+
+                self.composition_ = CompositionFusion(
+                    n_prototypes=self.n_prototypes, clinical=False, inner_folds=2,
+                    Cs=(1.0,), threshold=0.5, seed=self.seed, n_threads=None).fit(store.subset(rows))
+            out.append(self.composition_._composition(store, rows))
         return np.concatenate(out, axis=1)
 
     def fit(self, store: Any) -> MultiScoreFusion:
@@ -168,4 +181,5 @@ class MultiScoreFusion(BaseEstimator, ClassifierMixin):
         q = round(100 * self.quantile)
         names = list(self.clinical_columns_) + [f"{b}_{s}" for b in self.blocks_
                                                 for s in ("mean", f"q{q}")]
+        names += [f"proto{k}" for k in range(self.n_prototypes or 0)]
         return dict(zip(names, (float(v) for v in self.coef_)))
