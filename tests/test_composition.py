@@ -76,11 +76,12 @@ def test_compare_runs_composition_and_opt_in_variants(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["compare-baselines", "--store", str(p), "--folds", "3", "--json",
                                  str(js), "--models",
                                  ("logistic,composition+clinical,composition4+clinical,"
-                                  "composition-images-only")])
+                                  "composition-images-only,late-fusion+composition")])
     assert r.exit_code == 0, r.output
     rows = {x["model"]: x for x in json.loads(js.read_text())}
     assert rows["composition-images-only"]["inputs"] == "images"
     assert rows["composition4+clinical"]["params"]["n_prototypes"] == 4
+    assert rows["late-fusion+composition"]["params"]["n_prototypes"] == 8
     assert all(len(x["per_fold"]) == 3 for x in rows.values())
     assert open_store(p).n_patients == 30
 

@@ -136,9 +136,10 @@ MODEL_NAMES = ("adaboost", "logistic", "clinical-mlp", "mean+clinical", "max+cli
 
 #: Opt-in models (``--models`` only; issue 18's composition variants: 4 or 16 prototypes,
 #: composition without clinical features).
-#: Also opt-in: one late-fusion score per feature block of a concatenated store.
+#: Also opt-in: one late-fusion score per feature block of a concatenated store, and the
+#: same with the 8-prototype composition features in the one regression.
 OPTIONAL_NAMES = ("composition4+clinical", "composition16+clinical", "composition-images-only",
-                  "multi-score+clinical")
+                  "multi-score+clinical", "late-fusion+composition")
 
 
 def default_models(store: Any, seed: int = 0,
@@ -186,6 +187,9 @@ def default_models(store: Any, seed: int = 0,
         specs["multi-score+clinical"] = ModelSpec(
             lambda: MultiScoreFusion(seed=seed), IMAGES_CLINICAL, None,
             "late fusion with one pooled score per feature block of a concatenated store")
+        specs["late-fusion+composition"] = ModelSpec(
+            lambda: MultiScoreFusion(n_prototypes=8, seed=seed), IMAGES_CLINICAL, None,
+            "late fusion (one score per feature block) + 8-prototype cell composition")
     notes: list[str] = []
     if not list(store.clinical_columns):
         skipped = [n for n, s in specs.items() if s.inputs != IMAGES]
