@@ -94,3 +94,25 @@ def test_cli_nested_needs_images_and_a_weak_store(tmp_path: Path, bag_store: Pat
                                  "--images", str(bag_store), "--json", str(tmp_path / "x.json")])
     assert r.exit_code == 1 and "expected 'weak'" in r.output, r.output
     assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_nested_end_to_end(synth_cache: Path, tmp_path: Path) -> None:
+    import json
+
+    from lymph.data.cache import open_cache
+    from lymph.encoder.weak import run_weak
+
+    store = tmp_path / "weak.h5"
+    run_weak(open_cache(synth_cache), store, folds=2, seed=0, config=_tiny_config(), progress=False)
+    js = tmp_path / "nested.json"
+    r = CliRunner().invoke(app, ["compare-baselines", "--store", str(store), "--nested",
+                                 "--images", str(synth_cache), "--folds", "2", "--inner-folds", "2",
+                                 "--models", "logistic,late-fusion", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert "nested: stage one retrained" in r.output
+    rows = json.loads(js.read_text())
+    assert {x["model"] for x in rows} == {"logistic", "late-fusion"}
+    assert all(x["store"]["nested"] and x["store"]["scorers_trained"] == 6 for x in rows)
+    # the outer folds' stores and scorers are not left behind
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".h5", ".pt")) == [
+        "weak.encoder.pt", "weak.h5", "weak.weak-fold0.pt", "weak.weak-fold1.pt"]
