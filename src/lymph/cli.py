@@ -345,6 +345,7 @@ def fit_head(
     fusion: Annotated[str, typer.Option(help="concat (pooled images + clinical -> MLP) or late (pooled image score + clinical -> logistic regression; ignores the MLP options).")] = "concat",
     members: Annotated[str, typer.Option(help="'auto' (an inner-CV ensemble of 5 heads below 1000 fit patients, else one head) or a number of heads (1 = one head on an inner split).")] = "auto",
     jobs: Annotated[int, typer.Option(help="Folds run in this many processes (same results for a seed; e.g. the number of cores).")] = 1,
+    allow_in_sample: Annotated[bool, typer.Option("--allow-in-sample", help="Run on a store whose labelled patients were scored by a label-trained encoder that trained on them (refused otherwise); the metrics JSON is marked IN-SAMPLE.")] = False,
 ) -> None:
     """Cross-validate a MIL head (pooling + clinical MLP) on a store; save the final model."""
     check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1),
@@ -376,7 +377,8 @@ def fit_head(
             clinical=not no_clinical, images=not no_images, threshold=threshold,
             max_epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay,
             dropout=dropout, batch_size=batch_size, attention_hidden=attention_hidden,
-            n_threads=threads, fusion=fusion, members=parse_members(members), n_jobs=jobs)
+            n_threads=threads, fusion=fusion, members=parse_members(members), n_jobs=jobs,
+            allow_in_sample=allow_in_sample)
     r = res.report
     table = Table(title=f"{r['model']}: {folds}-fold x {repeats}, {r['n_patients']} patients, "
                         f"{r['seconds']:.1f} s", min_width=64)
@@ -391,6 +393,8 @@ def fit_head(
     if out is None:
         typer.echo("note: no model saved (cross-validation only); add --out MODEL_DIR to save "
                    "the final model for `lymph predict`")
+    if r.get("in_sample"):
+        typer.echo(f"warning: {r['in_sample']}", err=True)
 
 
 @app.command()
@@ -479,10 +483,34 @@ def compare_baselines(
     target_sensitivity: Annotated[float, typer.Option("--target-sensitivity", help="The report's triage operating point: sensitivity for malignancy the threshold must reach, chosen inside each training fold.")] = 0.95,
     chosen: Annotated[Optional[str], typer.Option("--chosen", help="The report's chosen model (default: the best images + clinical model by balanced accuracy).")] = None,
     jobs: Annotated[int, typer.Option(help="Folds of each model run in this many processes (same results for a seed).")] = 1,
+    allow_in_sample: Annotated[bool, typer.Option("--allow-in-sample", help="Run on a store whose labelled patients were scored by a label-trained encoder that trained on them (refused otherwise); every output is marked IN-SAMPLE.")] = False,
+    nested: Annotated[bool, typer.Option("--nested", help="Weak stores: retrain stage one inside every outer fold on its training patients only (needs --images: the cache the store was made from; one stage-one run per fold). Writes --json only.")] = False,
+    inner_folds: Annotated[int, typer.Option("--inner-folds", help="With --nested: stage one's own folds inside each outer training set.")] = 5,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
     check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1),
-                  jobs=(jobs, "int", 1))
+                  jobs=(jobs, "int", 1), inner_folds=(inner_folds, "int", 2))
+    if nested:
+        if images is None:
+            raise LymphError("--nested: expected --images CACHE (the image cache the weak store "
+                             "was made from)")
+        if out is not None or folds_from_store or allow_in_sample:
+            raise LymphError("--nested: writes --json only; drop --out, --folds-from-store and "
+                             "--allow-in-sample")
+        check_outputs({"--json": (json_out, "json")}, [store, images])
+        from lymph.console import progress_bar
+        from lymph.nested import run_nested
+
+        with progress_bar("compare-baselines --nested", folds * repeats) as update:
+            res, outputs = run_nested(store, images, folds=folds, repeats=repeats, seed=seed,
+                                      inner_folds=inner_folds, models=models, json_path=json_out,
+                                      progress=lambda n, d, t: update())
+        print_comparison(res)
+        for note in res.notes:
+            typer.echo(f"note: {note}")
+        for name, path in outputs.items():
+            typer.echo(f"wrote {name}: {path}")
+        return
     from lymph.report.triage import check_target
 
     check_target(target_sensitivity)
@@ -490,14 +518,19 @@ def compare_baselines(
     from lymph.compare import run_compare
     from lymph.console import progress_bar
 
-    n_models = len(models.split(",")) if models else 10
+    from lymph.compare import MODEL_NAMES
+
+    n_models = len(models.split(",")) if models else len(MODEL_NAMES)
     with progress_bar("compare-baselines", n_models * folds * repeats) as update:
         res, outputs = run_compare(store, folds=folds, repeats=repeats, seed=seed, out=out,
                                    json_path=json_out, models=models, images=images,
                                    montages=montages, progress=lambda n, d, t: update(),
                                    folds_from_store=folds_from_store, chosen=chosen,
-                                   target_sensitivity=target_sensitivity, n_jobs=jobs)
+                                   target_sensitivity=target_sensitivity, n_jobs=jobs,
+                                   allow_in_sample=allow_in_sample)
     print_comparison(res)
+    if res.store_info.get("in_sample"):
+        typer.echo(f"warning: {res.store_info['in_sample']}", err=True)
     if "report_json" in outputs:
         from lymph.report.clinical_md import terminal_summary
 

@@ -132,15 +132,24 @@ def _params(est: Any) -> dict[str, Any]:
 # ---- the default model set ---------------------------------------------------------------------
 MODEL_NAMES = ("adaboost", "logistic", "clinical-mlp", "mean+clinical", "max+clinical",
                "attention+clinical", "gated+clinical", "attention-images-only",
-               "mixture-of-experts", "late-fusion", "bag-stats-forest")
+               "mixture-of-experts", "late-fusion", "bag-stats-forest", "composition+clinical")
+
+#: Opt-in models (``--models`` only; issue 18's composition variants: 4 or 16 prototypes,
+#: composition without clinical features).
+#: Also opt-in: one late-fusion score per feature block of a concatenated store, and the
+#: same with the 8-prototype composition features in the one regression.
+OPTIONAL_NAMES = ("composition4+clinical", "composition16+clinical", "composition-images-only",
+                  "multi-score+clinical", "late-fusion+composition")
 
 
-def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], list[str]]:
+def default_models(store: Any, seed: int = 0,
+                   optional: bool = False) -> tuple[dict[str, ModelSpec], list[str]]:
     """The comparison's models in report order, and notes on those skipped.
 
     Clinical-only: AdaBoost, logistic regression, the clinical MLP; images + clinical: the
     MIL head with mean, max, attention and gated attention pooling; images only: attention;
-    the mixture of experts; late fusion. On a store without clinical columns the models
+    the mixture of experts; late fusion; cell composition + clinical (``optional``: also
+    the opt-in :data:`OPTIONAL_NAMES`). On a store without clinical columns the models
     that need clinical data are skipped (with a note).
     """
     from lymph.baselines import AdaBoostClinical, LateFusion, LogisticClinical, MixtureOfExperts
@@ -174,6 +183,18 @@ def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], lis
     specs["bag-stats-forest"] = ModelSpec(
         lambda: BagStatsForest(seed=seed), IMAGES_CLINICAL if list(store.clinical_columns) else IMAGES,
         None, "random forest (500 trees) on per-bag [mean, max, min] (+ clinical columns)")
+    from lymph.baselines.composition import composition_specs
+    from lymph.baselines.multiscore import MultiScoreFusion
+
+    specs.update({n: sp for n, sp in composition_specs(ModelSpec, seed).items()
+                  if optional or n not in OPTIONAL_NAMES})
+    if optional:
+        specs["multi-score+clinical"] = ModelSpec(
+            lambda: MultiScoreFusion(seed=seed), IMAGES_CLINICAL, None,
+            "late fusion with one pooled score per feature block of a concatenated store")
+        specs["late-fusion+composition"] = ModelSpec(
+            lambda: MultiScoreFusion(n_prototypes=8, seed=seed), IMAGES_CLINICAL, None,
+            "late fusion (one score per feature block) + 8-prototype cell composition")
     notes: list[str] = []
     if not list(store.clinical_columns):
         skipped = [n for n, s in specs.items() if s.inputs != IMAGES]
@@ -185,12 +206,12 @@ def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], lis
 def select_models(specs: dict[str, ModelSpec], names: str | list[str] | None) -> dict[str, ModelSpec]:
     """The models named in ``names`` (comma-separated or a list), in the given order."""
     if names is None:
-        return specs
+        return {n: s for n, s in specs.items() if n not in OPTIONAL_NAMES}
     wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
-    unknown = [n for n in wanted if n not in MODEL_NAMES]
+    unknown = [n for n in wanted if n not in MODEL_NAMES + OPTIONAL_NAMES]
     if unknown:
         raise LymphError(f"--models: unknown model(s) {', '.join(unknown)}; expected names from "
-                         f"{', '.join(MODEL_NAMES)}")
+                         f"{', '.join(MODEL_NAMES + OPTIONAL_NAMES)}")
     missing = [n for n in wanted if n not in specs]
     if missing:
         raise LymphError(f"--models: {', '.join(missing)} cannot run on this store (no clinical "
@@ -243,6 +264,9 @@ def paired(a: ModelResult, b: ModelResult) -> dict[str, Any]:
             raise LymphError("paired comparison: the two models were not run on the same folds")
         out["per_fold"].append({"repeat": fa.repeat, "fold": fa.fold, **{
             m: fa.metrics[m] - fb.metrics[m] for m in ("balanced_accuracy", "roc_auc")}})
+    from lymph.intervals import corrected_interval, naive_interval
+
+    ratio = float(np.mean([f.test_rows.size / max(f.train_rows.size, 1) for f in a.cv.folds]))
     for m in ("balanced_accuracy", "roc_auc"):
         d = np.array([f[m] for f in out["per_fold"]], dtype=np.float64)
         d = d[np.isfinite(d)]
@@ -250,7 +274,10 @@ def paired(a: ModelResult, b: ModelResult) -> dict[str, Any]:
         out[m] = {"mean_difference": float(d.mean()) if d.size else float("nan"),
                   "std_difference": float(d.std()) if d.size else float("nan"),
                   "won": int((d > tol).sum()), "tied": int((np.abs(d) <= tol).sum()),
-                  "lost": int((d < -tol).sum())}
+                  "lost": int((d < -tol).sum()),
+                  # 95 % intervals of the mean difference (lymph.intervals)
+                  "ci95_corrected": list(corrected_interval(d, ratio)),
+                  "ci95_naive": list(naive_interval(d))}
     return out
 
 
@@ -338,6 +365,7 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
                 target_sensitivity: float = 0.95,
                 predict_unlabelled: Callable[[float | None], dict[str, Any] | None] | None = None,
                 n_jobs: int = 1,
+                allow_in_sample: bool = False,
                 ) -> tuple[ComparisonResult, dict[str, Any]]:
     """``lymph compare-baselines``: open the store, compare, write ``--json`` and the report.
 
@@ -348,7 +376,9 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     ``chosen``: the report's chosen model (default: the best images + clinical model);
     ``target_sensitivity``: the report's triage operating point; ``predict_unlabelled(thr)``
     (``lymph run``) predicts the unlabelled patients for the report, given the chosen
-    model's cohort threshold for the target sensitivity.
+    model's cohort threshold for the target sensitivity. A store whose labelled patients were
+    scored in-sample by a label-trained encoder is refused (:mod:`lymph.insample`) unless
+    ``allow_in_sample``; then the notes, ``store.in_sample`` and the report say so.
     """
     from lymph.report.triage import check_target
 
@@ -361,15 +391,17 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     from lymph.store import open_store
 
     s = open_store(store) if isinstance(store, (str, os.PathLike)) else store
-    specs, notes = default_models(s, seed=seed)
+    specs, notes = default_models(s, seed=seed, optional=True)
     specs = select_models(specs, models)
     if chosen is not None and chosen not in specs:
         raise LymphError(f"--chosen: {chosen!r} is not among the models of this comparison "
                          f"({', '.join(specs)})")
-    if (s.provenance or {}).get("weak_folds"):
-        from lymph.encoder.weak import check_fold_safety
+    from lymph.insample import check_in_sample
 
-        check_fold_safety(s, checkpoints=False)
+    in_sample = check_in_sample(s, allow=allow_in_sample,
+                                images=any(sp.inputs != CLINICAL for sp in specs.values()))
+    if in_sample:
+        notes.insert(0, in_sample)
     fold_list = None
     if folds_from_store:
         from lymph.head.evaluate import folds_from_store as stage_one_folds
@@ -380,6 +412,8 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     res = compare(s, specs, folds=folds, repeats=repeats, seed=seed, progress=progress,
                   fold_list=fold_list, n_jobs=n_jobs)
     res.notes[:0] = notes
+    if in_sample:
+        res.store_info["in_sample"] = in_sample
     outputs: dict[str, Any] = {}
     predictions = None
     if predict_unlabelled is not None:

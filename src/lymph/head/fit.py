@@ -74,11 +74,13 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
              oof_path: str | os.PathLike[str] | None = None,
              plot_path: str | os.PathLike[str] | None = None,
              progress: Any = None, fusion: str = "concat", fold_list: list[Any] | None = None,
-             n_jobs: int = 1, **params: Any) -> FitHeadResult:
+             n_jobs: int = 1, allow_in_sample: bool = False, **params: Any) -> FitHeadResult:
     """Cross-validate ``MILClassifier(pooling=..., **params)`` and save the final model.
 
     ``store`` is a path or an open store. Defaults: the OOF CSV and PR curve go beside
-    ``json_path`` (``X.oof.csv``, ``X.pr.png``), else into ``out/cv/``.
+    ``json_path`` (``X.oof.csv``, ``X.pr.png``), else into ``out/cv/``. A store whose
+    labelled patients were scored in-sample by a label-trained encoder is refused unless
+    ``allow_in_sample`` (then the report's ``in_sample`` says so; :mod:`lymph.insample`).
     """
     from lymph.head.estimator import MILClassifier
     from lymph.head.plots import pr_curve_png
@@ -110,6 +112,9 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
     if not images and not clinical:
         raise LymphError(f"{s.path}: /patients/clinical: no clinical columns, so --no-images "
                          "leaves no input")
+    from lymph.insample import check_in_sample
+
+    in_sample = check_in_sample(s, allow=allow_in_sample, images=images)
     if fold_list is None:  # else given (the pipeline's holdout split, stage-one folds)
         fold_list = make_folds(s.labels, folds, repeats, seed)
     from sklearn.base import clone
@@ -137,6 +142,7 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
         "params": {k: (list(v) if isinstance(v, tuple) else v) for k, v in proto.get_params().items()},
         "store": {"path": None if s.path is None else str(s.path), "fingerprint": s.fingerprint,
                   "method": (s.provenance or {}).get("method")},
+        **({"in_sample": in_sample} if in_sample else {}),
         "per_fold": [{"repeat": f.repeat, "fold": f.fold, "threshold": f.threshold,
                       "seconds": round(f.seconds, 3), **f.info,
                       **{m: f.metrics[m] for m in METRICS}} for f in cv.folds],

@@ -1,0 +1,198 @@
+"""Cell composition (issue 18): unsupervised cell prototypes and each patient's proportions
+of them, fused with the clinical features in a regularised logistic regression.
+
+Malignant lymphocytosis changes *which* cells a smear holds (smudge cells, small mature
+lymphocytes, ...) more than how one average cell looks. :class:`CompositionFusion`:
+
+1. standardises the fit patients' cells (any store: morphometry, autoencoder, ...);
+2. clusters them with k-means into ``n_prototypes`` prototypes (no labels: fitting it on
+   the training fold's cells is already nested, nothing of a test patient is seen);
+3. gives each patient the share of its cells nearest to each prototype (vectorised: one
+   ``bincount`` over ``patient * K + prototype``), as ``log((count + 0.5) / (n + 0.5 K))``
+   (smoothed log proportions: a rare prototype going from 1 % to 3 % is a large change);
+4. fits a class-balanced L2 logistic regression on the standardised clinical features and
+   those ``K`` composition features, ``C`` chosen from ``Cs`` by inner stratified CV (log
+   loss) on the fit patients, the threshold from that CV's out-of-fold probabilities.
+
+``clinical=False`` gives the images-only variant (composition alone).
+:meth:`prototype_of` says which prototype each cell falls in (montages of prototypes);
+:meth:`coefficients` names them ``proto<k>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from lymph.baselines.common import (
+    _check_threshold,
+    _inner_folds,
+    _need_clinical,
+    _oof,
+    _proba,
+    _threshold,
+    blas_threads,
+)
+from lymph.errors import LymphError
+from lymph.head.bags import Scaler, check_bags, instances_of
+from lymph.head.estimator import _where, clinical_matrix, labelled_rows
+
+
+def bag_proportions(assign: np.ndarray, sizes: np.ndarray, k: int) -> np.ndarray:
+    """Per bag (``sizes`` consecutive cells each), the count of cells assigned to each of
+    ``k`` prototypes: ``(n_bags, k)`` float64. No loop over bags."""
+    bag = np.repeat(np.arange(sizes.size), sizes)
+    counts = np.bincount(bag * k + assign, minlength=sizes.size * k)
+    return counts.reshape(sizes.size, k).astype(np.float64)
+
+
+class CompositionFusion(BaseEstimator, ClassifierMixin):
+    """Clinical features + per-patient log proportions of ``n_prototypes`` k-means cell
+    prototypes -> regularised logistic regression (see the module docstring)."""
+
+    images = True
+
+    def __init__(self, n_prototypes: int = 8, clinical: bool = True,
+                 Cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0), inner_folds: int = 5,
+                 max_cells: int = 20000, n_init: int = 3, threshold: str | float = "inner",
+                 seed: int = 0, n_threads: int | None = 1) -> None:
+        self.n_prototypes = n_prototypes
+        self.clinical = clinical
+        self.Cs = Cs
+        self.inner_folds = inner_folds
+        self.max_cells = max_cells
+        self.n_init = n_init
+        self.threshold = threshold
+        self.seed = seed
+        self.n_threads = n_threads
+
+    @property
+    def inputs(self) -> str:
+        return "images+clinical" if self.clinical else "images"
+
+    # ---- prototypes ------------------------------------------------------------------------
+    def _assign(self, store: Any, rows: np.ndarray) -> np.ndarray:
+        x = self.instance_scaler_.transform(instances_of(store.embeddings, store.patient_ptr, rows))
+        x = np.asarray(x, dtype=np.float64)
+        c = self.centres_
+        d = (x * x).sum(1)[:, None] - 2.0 * x @ c.T + (c * c).sum(1)[None, :]
+        return np.argmin(d, axis=1).astype(np.int64)
+
+    def _composition(self, store: Any, rows: np.ndarray) -> np.ndarray:
+        sizes = store.bag_sizes[rows]
+        k = self.centres_.shape[0]
+        counts = bag_proportions(self._assign(store, rows), sizes, k)
+        return np.log((counts + 0.5) / (sizes[:, None] + 0.5 * k))
+
+    def _features(self, store: Any, rows: np.ndarray) -> np.ndarray:
+        comp = self._composition(store, rows)
+        if not self.clinical:
+            return comp
+        clin = clinical_matrix(store, self.clinical_columns_)[rows].astype(np.float64)
+        return np.concatenate([clin, comp], axis=1)
+
+    # ---- fit -----------------------------------------------------------------------------------
+    def fit(self, store: Any) -> CompositionFusion:
+        with blas_threads(self.n_threads):
+            return self._fit(store)
+
+    def _fit(self, store: Any) -> CompositionFusion:
+        from sklearn.cluster import KMeans
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.metrics import log_loss
+
+        _check_threshold(self.threshold)
+        if not isinstance(self.n_prototypes, (int, np.integer)) or self.n_prototypes < 2:
+            raise LymphError(f"n_prototypes: expected an integer >= 2, got {self.n_prototypes!r}")
+        if not self.Cs or any(float(c) <= 0 for c in self.Cs):
+            raise LymphError(f"Cs: expected positive numbers, got {self.Cs!r}")
+        rows, y = labelled_rows(store)
+        self.clinical_columns_ = _need_clinical(store, "CompositionFusion") if self.clinical else []
+        check_bags(store, rows)
+        self.classes_ = np.array([0, 1])
+        self.dim_ = store.dim
+        cells = instances_of(store.embeddings, store.patient_ptr, rows)
+        if cells.shape[0] < self.n_prototypes:
+            raise LymphError(f"{_where(store)}: {cells.shape[0]} cells, fewer than "
+                             f"n_prototypes={self.n_prototypes}")
+        self.instance_scaler_ = Scaler.fit(cells)
+        x = np.asarray(self.instance_scaler_.transform(cells), dtype=np.float64)
+        rng = np.random.default_rng(self.seed)
+        if x.shape[0] > self.max_cells:
+            x = x[np.sort(rng.choice(x.shape[0], self.max_cells, replace=False))]
+        km = KMeans(n_clusters=int(self.n_prototypes), n_init=self.n_init,
+                    random_state=self.seed).fit(x)
+        self.centres_ = km.cluster_centers_.astype(np.float64)
+        feats = self._features(store, rows)
+        self.fusion_scaler_ = Scaler.fit(feats)
+        z = np.asarray(self.fusion_scaler_.transform(feats), dtype=np.float64)
+        inner = _inner_folds(y, self.inner_folds, self.seed)
+
+        def make(c: float) -> Any:
+            return lambda: LogisticRegression(C=c, class_weight="balanced", max_iter=1000)
+
+        best_c, best_loss, best_oof = float(self.Cs[-1]), np.inf, None
+        for c in self.Cs if inner else ():
+            p = _oof(make(float(c)), z, y, inner)
+            loss = log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])
+            if loss < best_loss - 1e-12:
+                best_c, best_loss, best_oof = float(c), loss, p
+        self.C_ = best_c
+        self.threshold_ = _threshold(self.threshold, y, best_oof)
+        lr = make(best_c)().fit(z, y)
+        self.coef_ = lr.coef_[0].astype(np.float64)
+        self.intercept_ = float(lr.intercept_[0])
+        return self
+
+    # ---- inference ---------------------------------------------------------------------------
+    def _check_store(self, store: Any) -> np.ndarray:
+        if not hasattr(self, "coef_"):
+            raise LymphError("CompositionFusion: not fitted (call fit first)")
+        if store.n_patients == 0:
+            raise LymphError(f"{_where(store)}: no patients to predict (empty selection)")
+        if store.dim != self.dim_:
+            raise LymphError(f"{_where(store)}: /embeddings: expected {self.dim_} features per "
+                             f"image (the model's encoder), got {store.dim}")
+        rows = np.arange(store.n_patients)
+        check_bags(store, rows)
+        return rows
+
+    def decision_function(self, store: Any) -> np.ndarray:
+        rows = self._check_store(store)
+        with blas_threads(getattr(self, "n_threads", 1)):
+            z = self.fusion_scaler_.transform(self._features(store, rows))
+        return np.asarray(z, dtype=np.float64) @ self.coef_ + self.intercept_
+
+    def predict_proba(self, store: Any) -> np.ndarray:
+        return _proba(1.0 / (1.0 + np.exp(-self.decision_function(store))))
+
+    def predict(self, store: Any) -> np.ndarray:
+        return (self.predict_proba(store)[:, 1] >= self.threshold_).astype(np.int64)
+
+    def prototype_of(self, store: Any) -> list[np.ndarray]:
+        """Per patient, the prototype index of each cell."""
+        rows = self._check_store(store)
+        a = self._assign(store, rows)
+        return np.split(a, np.cumsum(store.bag_sizes)[:-1])
+
+    def coefficients(self) -> dict[str, float]:
+        """The regression's coefficients by feature name (standardised inputs)."""
+        names = list(self.clinical_columns_) + [f"proto{k}" for k in range(len(self.centres_))]
+        return dict(zip(names, (float(v) for v in self.coef_)))
+
+
+def composition_specs(spec_cls: Any, seed: int = 0) -> dict[str, Any]:
+    """The comparison's composition models (``lymph.compare.ModelSpec`` = ``spec_cls``):
+    ``composition+clinical`` (8 prototypes, in the default set) and the opt-in variants."""
+    out = {}
+    for name, k, clin in (("composition+clinical", 8, True), ("composition4+clinical", 4, True),
+                          ("composition16+clinical", 16, True),
+                          ("composition-images-only", 8, False)):
+        out[name] = spec_cls(
+            (lambda k=k, c=clin: CompositionFusion(n_prototypes=k, clinical=c, seed=seed)),
+            "images+clinical" if clin else "images", None,
+            f"cell composition: log proportions of {k} k-means prototypes"
+            + (" + clinical, logistic" if clin else ", logistic (no clinical)"))
+    return out

@@ -1,0 +1,118 @@
+"""Issue 18: nested evaluation of the weak stage one (`compare-baselines --nested`): stage
+one is retrained inside each outer fold on that fold's training patients only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from lymph.cli import app
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(before)
+
+
+def _tiny_config():
+    from lymph.encoder.train import TrainConfig
+
+    return TrainConfig(epochs=1, batch_size=32, lr=1e-3, seed=0, weight_decay=1e-4)
+
+
+def test_masked_cache_hides_only_the_given_patients(synth_cache: Path) -> None:
+    from lymph.data.cache import open_cache
+    from lymph.nested import masked_cache
+
+    c = open_cache(synth_cache)
+    lab = np.flatnonzero(c.labels >= 0)
+    v = masked_cache(c, lab[:3])
+    assert (v.labels[lab[:3]] == -1).all()
+    np.testing.assert_array_equal(v.labels[lab[3:]], c.labels[lab[3:]])
+    assert (c.labels[lab[:3]] >= 0).all()  # the original is untouched
+    assert v.pixels is c.pixels
+
+
+def test_stage_one_never_sees_an_outer_test_label(synth_cache: Path, monkeypatch) -> None:
+    from lymph.compare import CLINICAL, default_models, select_models
+    from lymph.data.cache import open_cache
+    from lymph.encoder import weak
+    from lymph.head.evaluate import make_folds
+    from lymph.nested import nested_compare
+    from lymph.store import open_store
+
+    cache = open_cache(synth_cache)
+    seen: list[np.ndarray] = []
+    real = weak.run_weak
+
+    def spy(c, out, **kw):
+        seen.append(np.asarray(c.labels).copy())
+        return real(c, out, **kw)
+
+    monkeypatch.setattr(weak, "run_weak", spy)
+    store0 = open_store(_plain_store(cache, synth_cache.parent))
+    specs = select_models(default_models(store0, optional=True)[0], "logistic,late-fusion")
+    res = nested_compare(cache, specs, folds=2, repeats=1, seed=0, inner_folds=2,
+                         config=_tiny_config())
+    folds = make_folds(cache.labels, 2, 1, 0)
+    assert len(seen) == len(folds) == 2
+    for labels, (_, _, tr, te) in zip(seen, folds):
+        assert (labels[te] == -1).all()  # the outer test patients are unlabelled for stage one
+        np.testing.assert_array_equal(labels[tr], cache.labels[tr])
+    assert set(res.models) == {"logistic", "late-fusion"}
+    for m in res.models.values():
+        assert [(f.repeat, f.fold) for f in m.cv.folds] == [(0, 0), (0, 1)]
+        assert all(np.isfinite(f.metrics["balanced_accuracy"]) for f in m.cv.folds)
+    assert res.store_info["nested"] and res.store_info["scorers_trained"] == 6
+    assert res.models["logistic"].spec.inputs == CLINICAL
+    assert res.paired and res.paired[0]["model"] == "late-fusion"
+
+
+def _plain_store(cache, where: Path) -> Path:
+    from lymph.store import write_store
+
+    clin, cols = cache.clinical()
+    return write_store(where / "plain.h5", embeddings=np.zeros((int(cache.patient_ptr[-1]), 2), "f4"),
+                       patient_ptr=cache.patient_ptr, ids=cache.ids, labels=cache.labels,
+                       clinical=clin.astype("f4"), clinical_columns=cols,
+                       feature_columns=["logit", "prob"])
+
+
+def test_cli_nested_needs_images_and_a_weak_store(tmp_path: Path, bag_store: Path) -> None:
+    r = CliRunner().invoke(app, ["compare-baselines", "--store", str(bag_store), "--nested"])
+    assert r.exit_code == 1 and "--images" in r.output
+    r = CliRunner().invoke(app, ["compare-baselines", "--store", str(bag_store), "--nested",
+                                 "--images", str(bag_store), "--json", str(tmp_path / "x.json")])
+    assert r.exit_code == 1 and "expected 'weak'" in r.output, r.output
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_nested_end_to_end(synth_cache: Path, tmp_path: Path) -> None:
+    import json
+
+    from lymph.data.cache import open_cache
+    from lymph.encoder.weak import run_weak
+
+    store = tmp_path / "weak.h5"
+    run_weak(open_cache(synth_cache), store, folds=2, seed=0, config=_tiny_config(), progress=False)
+    js = tmp_path / "nested.json"
+    r = CliRunner().invoke(app, ["compare-baselines", "--store", str(store), "--nested",
+                                 "--images", str(synth_cache), "--folds", "2", "--inner-folds", "2",
+                                 "--models", "logistic,late-fusion", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    assert "nested: stage one retrained" in r.output
+    rows = json.loads(js.read_text())
+    assert {x["model"] for x in rows} == {"logistic", "late-fusion"}
+    assert all(x["store"]["nested"] and x["store"]["scorers_trained"] == 6 for x in rows)
+    # the outer folds' stores and scorers are not left behind
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".h5", ".pt")) == [
+        "weak.encoder.pt", "weak.h5", "weak.weak-fold0.pt", "weak.weak-fold1.pt"]
