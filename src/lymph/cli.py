@@ -41,7 +41,7 @@ def handles_errors(fn: F) -> F:
                 return fn(*args, **kwargs)
         except LymphError as e:
             if not getattr(e, "quiet", False):  # quiet: another torchrun rank says why
-                typer.echo(f"error: {e}", err=True)
+                typer.echo(f"error: {flag_names(str(e), fn)}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (lymph.signals.Terminated)
             typer.echo("interrupted", err=True)
@@ -64,6 +64,24 @@ def handles_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def flag_names(message: str, fn: Callable[..., Any]) -> str:
+    """A library message with the command's flags for the settings it names: a leading
+    ``name:`` and every ```name``` that is a parameter of the command ``fn`` become
+    ``--name``. (The library names settings, as a pipeline file or a Python caller knows
+    them; only here are they flags.)"""
+    import inspect
+    import re
+
+    params = set(inspect.signature(fn).parameters)
+
+    def flag(m: re.Match[str]) -> str:
+        name = m.group(1)
+        return "--" + name.replace("_", "-") if name in params else m.group(0)
+
+    message = re.sub(r"^([a-z_]+)(?=:)", flag, message)
+    return re.sub(r"`([a-z_]+)`", flag, message)
 
 
 def describe_os_error(e: OSError) -> str:
@@ -187,13 +205,19 @@ def ingest(
 
 
 # ---- lymph embed (stage one) -----------------------------------------------------------------
+def method_help() -> str:
+    from lymph.encoder.registry import help_text  # torch-free
+
+    return help_text()
+
+
 @app.command()
 @handles_errors
 def embed(
     out: Annotated[Path, typer.Option("--out", help="Embedding store to write (STORE.h5).")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Challenge data to ingest first (reuses a valid cache).")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Image cache made by `lymph ingest` (CACHE.zarr).")] = None,
-    method: Annotated[str, typer.Option(help="ae (train the autoencoder), morphometry (no training), contrastive (SimCLR, 64 px of a 160 px centre crop), weak (cell scorer trained from patient labels, fold-safe; see --folds), or A+morphometry (e.g. contrastive+morphometry: both feature blocks in one store).")] = "ae",
+    method: Annotated[str, typer.Option(help=method_help())] = "ae",
     dim: Annotated[Optional[int], typer.Option(help="Embedding size (default: the method's; ae 60 as in the report, contrastive 128).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 20; contrastive 15).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (default 128; contrastive 256); under torchrun the global batch, split among the processes.")] = None,
@@ -213,13 +237,12 @@ def embed(
     check_options(dim=(dim, "int", 1), epochs=(epochs, "int", 1),
                   batch_size=(batch_size, "int", 1), lr=(lr, "pos"), seed=(seed, "int", 0, 2**31 - 1),
                   size=(size, "int", 8, 1024), crop=(crop, "int", 1), folds=(folds, "int", 2))
-    from lymph.checks import check_choice, check_device, registered_names
+    from lymph.checks import check_device
+    from lymph.encoder.registry import check_method
 
     check_device("--device", device)
-    known = registered_names("lymph.encoder.methods", "_BUILTIN_MODULES")
-    if known and encoder is None:  # 'A+B' combines registered methods and morphometry
-        for part in method.split("+"):
-            check_choice("--method", part.strip(), (*known, "morphometry"))
+    if encoder is None:  # with --encoder the checkpoint's method is used
+        check_method(method, "--method")
     if out.suffix.lower() in (".h5", ".hdf5"):
         stem = out.with_name(out.stem)
         outs: dict[str, tuple[Any, str]] = {"--out": (out, "store")}
@@ -229,7 +252,7 @@ def embed(
         if data is not None:
             outs["--cache"] = (cache or Path(f"{stem}.images-{size or 112}px.zarr"), "cache")
         check_outputs(outs, [data, images, encoder])
-    from lymph.encoder.embed import run_embed
+    from lymph.encoder.run import run_embed
 
     s = run_embed(out=out, data=data, images=images, method=method, dim=dim, epochs=epochs,
                   batch_size=batch_size, lr=lr, seed=seed, device=device, encoder=encoder,

@@ -281,7 +281,7 @@ def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], An
             sink: dict[str, np.ndarray] = {}
             scores: dict[str, np.ndarray] = {}
             coefs: list[dict[str, float]] = []
-            cv = cross_validate(lambda s=spec, k=sink: _Recorder(s.make(), k, scores, coefs),
+            cv = cross_validate(lambda s=spec, k=sink, sc=scores, co=coefs: _Recorder(s.make(), k, sc, co),
                                 store, fold_list, progress=cb)
             results[name] = ModelResult(name, spec, cv, summarise(cv), _params(spec.make()), sink,
                                         scores, coefs)
@@ -350,7 +350,7 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
         raise LymphError(f"--chosen: {chosen!r} is not among the models of this comparison "
                          f"({', '.join(specs)})")
     if (s.provenance or {}).get("weak_folds"):
-        from lymph.encoder.weak import check_fold_safety
+        from lymph.encoder.weak_checks import check_fold_safety
 
         check_fold_safety(s, checkpoints=False)
     fold_list = None

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lymph.encoder.allocator import keep_freed_memory
+from lymph.encoder.fastcpu.allocator import keep_freed_memory
 from lymph.errors import LymphError
 
 #: the process group's timeout for collectives (training steps, gathers). Rank-0-only work
@@ -142,7 +142,7 @@ def setup(device: str = "auto") -> DistEnv:
     CPU threads: the cores divided among the processes of this node (two processes on two
     cores get one thread each; oversubscription costs more than it gains). An explicit
     ``OMP_NUM_THREADS`` wins (e.g. 1 on a CPU shared with other jobs). Also keeps freed
-    memory in the process (:mod:`lymph.encoder.allocator`). On CUDA, cuDNN picks its
+    memory in the process (:mod:`lymph.encoder.fastcpu.allocator`). On CUDA, cuDNN picks its
     fastest convolution algorithms for the fixed training shapes (``cudnn.benchmark``).
     """
     keep_freed_memory()

@@ -1,7 +1,7 @@
 """``lymph predict``: a saved model directory applied to a store or to raw challenge data.
 
 With ``data_dir`` the images are embedded first by stage one
-(:func:`lymph.encoder.embed.embed_dataset`) with the encoder copy inside the model
+(:func:`lymph.encoder.run.embed_dataset`) with the encoder copy inside the model
 directory, into ``PRED.store.h5`` beside the predictions. Outputs (all written atomically):
 
 - ``PRED.csv``: ``id,probability,predicted`` (probability of malignancy, 0/1 at the
@@ -79,7 +79,7 @@ def embed_like_model(saved: SavedModel, data: Path, store_path: Path, work_dir: 
     """Make a store of ``data`` the way the model's training store was made.
 
     With the encoder copy of the model directory (any trained method, or a combination's
-    checkpoint) through :func:`lymph.encoder.embed.embed_dataset`; for a morphometry model
+    checkpoint) through :func:`lymph.encoder.run.embed_dataset`; for a morphometry model
     (no encoder) by ingesting at the training store's image size and measuring again.
     Returns the image cache used (for montages), or None.
     """
@@ -88,13 +88,13 @@ def embed_like_model(saved: SavedModel, data: Path, store_path: Path, work_dir: 
     enc = saved.encoder_path
     prov = saved.store_provenance
     if enc is not None and enc.exists():
-        from lymph.encoder.embed import embed_dataset
+        from lymph.encoder.run import embed_dataset
 
         embed_dataset(data, enc, store_path, work_dir=work_dir, device=device)
         caches = sorted(work_dir.glob("*.zarr"))
         return caches[0] if caches else None
     if prov.get("method") == "morphometry":
-        from lymph.encoder.morphometry import MORPHOMETRY_VERSION, write_morphometry_store
+        from lymph.encoder.methods.morphometry import MORPHOMETRY_VERSION, write_morphometry_store
 
         version = str(prov.get("morphometry_version", MORPHOMETRY_VERSION))
         if version != MORPHOMETRY_VERSION:

@@ -77,6 +77,7 @@ RANGES: dict[str, tuple[Any, ...]] = {
     "embed.dim": ("int", 0), "embed.epochs": ("int", 0), "embed.batch_size": ("int", 0),
     "embed.lr": ("float", 0.0), "embed.seed": ("int", 0, 2**31 - 1), "embed.folds": ("int", 2),
     "embed.device": ("choice", ("auto", "cpu", "cuda")),
+    "embed.method": ("method",),  # lymph.encoder.registry (torch-free)
     "head.attention_hidden": ("int", 1), "head.mlp": ("ints", 1),
     "head.dropout": ("frac",), "head.lr": ("pos",), "head.weight_decay": ("float", 0.0),
     "head.batch_size": ("int", 1), "head.max_epochs": ("int", 1), "head.patience": ("int", 1),
@@ -111,6 +112,10 @@ def check_setting(name: str, value: Any) -> None:
         check_threshold(name, value)
     elif kind == "choice":
         check_choice(name, value, b[0])
+    elif kind == "method":
+        from lymph.encoder.registry import check_method
+
+        check_method(value, name)
     elif kind == "registry":
         names = module_constant(b[0], b[1])
         if isinstance(names, (tuple, list)) and names:
