@@ -103,7 +103,7 @@ def test_in_ram_limit_is_shared_by_the_machine_s_processes(synth_cache: Path,
 
 
 def test_torchrun_device_choices_are_checked() -> None:
-    with pytest.raises(LymphError, match=r"--device cuda:1 under torchrun.*--device cuda"):
+    with pytest.raises(LymphError, match=r"`device` cuda:1 under torchrun.*`device` cuda"):
         D.check_device("cuda:1", world=2, local_rank=0, local_world=2, n_gpus=4)
     with pytest.raises(LymphError, match="4 processes on this machine but it has 2 visible GPU"):
         D.check_device("cuda", world=8, local_rank=3, local_world=4, n_gpus=2)

@@ -11,7 +11,7 @@ images and clinical data and the best clinical-only model (each by mean balanced
 the per-fold differences of balanced accuracy and ROC AUC, their mean and standard
 deviation, and the folds won / tied / lost.
 
-MIL training settings of the comparison (:data:`FAST_MIL`): at most 40 epochs, patience 8,
+MIL training settings of the comparison (:data:`FAST_MIL`): at most 30 epochs, patience 5,
 64 patients per step (the ``fit-head`` defaults are 100 / 15 / 32). Measured on the dev
 morphometry store this keeps 5-fold x 1 of all ten models under 15 s on 2 cores with
 balanced accuracy within the fold-to-fold noise of the defaults (docs/benchmarks.md).

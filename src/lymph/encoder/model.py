@@ -19,7 +19,7 @@ as they lie; the parameters and state-dict keys are those of the plain PyTorch m
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lymph.encoder.fastcpu.layers import FAST, ConvTranspose2d, run_sequential
+from lymph.configdict import config_from_dict, config_to_dict
 from lymph.errors import LymphError
 
 
@@ -50,15 +51,11 @@ class AEConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AEConfig:
-        d = dict(d)
-        d["channels"] = tuple(d.get("channels", (16, 32, 64)))
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class ConvAutoencoder(nn.Module):

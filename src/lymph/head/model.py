@@ -7,12 +7,13 @@ directory's JSON), so inference needs no other source of settings.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from lymph.configdict import config_from_dict, config_to_dict
 from lymph.errors import LymphError
 from lymph.head.pooling import POOLINGS, make_pooling
 
@@ -31,15 +32,11 @@ class HeadConfig:
         return self.dim > 0
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mlp"] = list(self.mlp)
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> HeadConfig:
-        d = dict(d)
-        d["mlp"] = tuple(int(v) for v in d["mlp"])
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class MILHead(nn.Module):

@@ -25,7 +25,7 @@ costs about 0.22 GFLOP per cell (two views, forward + backward ~3x forward).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lymph.encoder.preprocess import Preprocess
+from lymph.configdict import config_from_dict, config_to_dict
 from lymph.errors import LymphError
 
 
@@ -72,18 +73,11 @@ class ContrastiveConfig:
             raise LymphError(f"temperature: expected a positive value, got {self.temperature}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("channels", "scale", "blur_sigma"):
-            d[k] = list(d[k])
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ContrastiveConfig:
-        d = dict(d)
-        for k in ("channels", "scale", "blur_sigma"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:

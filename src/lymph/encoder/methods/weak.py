@@ -9,13 +9,14 @@ fold-safe store: :mod:`lymph.encoder.weak_folds`; the fold-safety check and diag
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from lymph.encoder.registry import METHODS
+from lymph.configdict import config_from_dict, config_to_dict
 from lymph.errors import LymphError
 
 FEATURE_COLUMNS: tuple[str, ...] = METHODS["weak"].feature_columns or ()
@@ -56,15 +57,11 @@ class WeakConfig:
             raise LymphError(f"dropout: expected a number in [0, 1), got {self.dropout}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WeakConfig:
-        d = dict(d)
-        d["channels"] = tuple(d.get("channels", cls.channels))
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class CellScorer(nn.Module):
