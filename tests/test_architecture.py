@@ -15,13 +15,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # package's __init__ only), so that every new top-level module has to be placed here.
 LAYERS: list[tuple[str, ...]] = [
     ("lymph", "lymph.errors", "lymph.atomic", "lymph.console", "lymph.checks", "lymph.finite",
-     "lymph.signals", "lymph.outputs", "lymph.splits", "lymph.figures"),
+     "lymph.signals", "lymph.outputs", "lymph.splits", "lymph.figures", "lymph.configdict"),
     ("lymph.data",),
     ("lymph.store", "lymph.store_ops", "lymph.store_import"),
     ("lymph.encoder",),
     ("lymph.head",),
     ("lymph.baselines",),
-    ("lymph.report", "lymph.compare"),
+    ("lymph.report", "lymph.compare", "lymph.compare_models"),
     ("lymph.pipeline", "lymph.bench"),
     ("lymph.cli",),
 ]

@@ -7,10 +7,8 @@ setting (``crop``, ``head.folds``), the CLI names its flag (``--crop``).
 
 from __future__ import annotations
 
-import ast
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 from lymph.errors import LymphError
@@ -88,28 +86,3 @@ def check_threshold(name: str, value: Any) -> str | float:
     if not (math.isfinite(t) and 0.0 < t < 1.0):
         raise LymphError(f"{name}: expected 'inner' or a number in (0, 1), got {_fmt(value)}")
     return t
-
-
-def module_constant(module: str, name: str) -> Any:
-    """A literal constant of a lymph module, read from its source without importing it
-    (so the CLI can check a name against a registry before torch is imported). None when
-    it cannot be read that way."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(module)
-        if spec is None or spec.origin is None:
-            return None
-        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-    except (ImportError, OSError, SyntaxError, ValueError):
-        return None
-    for node in tree.body:
-        targets = (node.targets if isinstance(node, ast.Assign)
-                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
-        for t in targets:
-            if isinstance(t, ast.Name) and t.id == name and node.value is not None:
-                try:
-                    return ast.literal_eval(node.value)
-                except ValueError:
-                    return None
-    return None

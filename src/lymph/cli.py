@@ -127,15 +127,6 @@ def check_options(**checks: tuple[Any, ...]) -> None:
             check_float(name, value, *b)
 
 
-def check_registry_name(flag: str, value: str, module: str, constant: str) -> None:
-    """``value`` must be in a registry's literal tuple (read without importing torch)."""
-    from lymph.checks import check_choice, module_constant
-
-    names = module_constant(module, constant)
-    if isinstance(names, (tuple, list)) and names:
-        check_choice(flag, value, tuple(str(n) for n in names))
-
-
 def write_json(path: Path, obj: Any) -> None:
     from lymph.atomic import write_text_atomic
 
@@ -209,6 +200,17 @@ def method_help() -> str:
     from lymph.encoder.registry import help_text  # torch-free
 
     return help_text()
+
+
+def registry_help(what: str) -> str:
+    """Option help from the stage-two registries (torch-free)."""
+    if what == "pooling":
+        from lymph.head.registry import pooling_help
+
+        return pooling_help()
+    from lymph.compare_models import model_names
+
+    return f"Comma-separated subset of {', '.join(model_names())} (default: all)."
 
 
 @app.command()
@@ -323,7 +325,7 @@ def store_info(
 @handles_errors
 def fit_head(
     store: Annotated[Path, typer.Option("--store", help="Embedding store (STORE.h5).")],
-    pooling: Annotated[str, typer.Option(help="attention, gated, mean or max.")] = "attention",
+    pooling: Annotated[str, typer.Option(help=registry_help("pooling"))] = "attention",
     folds: Annotated[int, typer.Option(help="Stratified patient-level folds.")] = 5,
     repeats: Annotated[int, typer.Option(help="Repeats of the k-fold CV (seed + r each).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of folds, inner splits, weights, batches.")] = 0,
@@ -351,10 +353,11 @@ def fit_head(
                   batch_size=(batch_size, "int", 1), attention_hidden=(attention_hidden, "int", 1),
                   threads=(threads, "int", 1))
     from lymph.checks import check_choice, check_threshold
+    from lymph.head.registry import check_pooling, fusion_names  # torch-free
 
     check_threshold("--threshold", threshold)
-    check_choice("--fusion", fusion, ("concat", "late"))
-    check_registry_name("--pooling", pooling, "lymph.head.pooling", "POOLINGS")
+    check_choice("--fusion", fusion, fusion_names())
+    check_pooling(pooling, "--pooling")
     base = json_out.with_name(json_out.stem) if json_out is not None else None
     check_outputs({"--out": (out, "model"), "--json": (json_out, "json"),
                    "--oof": (oof or (Path(f"{base}.oof.csv") if base else None), "oof"),
@@ -469,7 +472,7 @@ def compare_baselines(
     seed: Annotated[int, typer.Option(help="Seed of the folds and of every model.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Report folder: report.md, ROC/PR PNGs, montages, oof.csv, comparison.json.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="JSON list of rows (model + the keys of fit-head --json).")] = None,
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated subset, e.g. adaboost,attention+clinical,late-fusion (default: all).")] = None,
+    models: Annotated[Optional[str], typer.Option(help=registry_help("models"))] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Image cache for the montages (default: the image files named in the store).")] = None,
     montages: Annotated[bool, typer.Option(help="Montages of the misclassified patients in the report.")] = True,
     folds_from_store: Annotated[bool, typer.Option("--folds-from-store", help="Use stage one's folds recorded in a weak store (one repeat; --folds/--repeats ignored), to measure stacking optimism.")] = False,
@@ -485,7 +488,9 @@ def compare_baselines(
     from lymph.compare import run_compare
     from lymph.console import progress_bar
 
-    n_models = len(models.split(",")) if models else 10
+    from lymph.compare_models import model_names  # torch-free
+
+    n_models = len(models.split(",")) if models else len(model_names())
     with progress_bar("compare-baselines", n_models * folds * repeats) as update:
         res, outputs = run_compare(store, folds=folds, repeats=repeats, seed=seed, out=out,
                                    json_path=json_out, models=models, images=images,

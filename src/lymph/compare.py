@@ -29,11 +29,16 @@ import numpy as np
 from lymph.errors import LymphError
 from lymph.head.evaluate import METRICS, CVResult, Fold, cross_validate, make_folds, summarise
 
-#: Training settings of the MIL models in the comparison (speed; see the module docstring).
-FAST_MIL: dict[str, Any] = {"max_epochs": 30, "patience": 5, "batch_size": 64}
-
-#: Model kinds, by what they read.
-CLINICAL, IMAGES_CLINICAL, IMAGES = "clinical", "images+clinical", "images"
+# the model registry (torch-free): kinds, the MIL settings (FAST_MIL: speed; see the module
+# docstring), every model's entry
+from lymph.compare_models import (  # noqa: F401 (CLINICAL..IMAGES: this module's API too)
+    CLINICAL,
+    FAST_MIL,
+    IMAGES,
+    IMAGES_CLINICAL,
+    model_entries,
+    model_names,
+)
 
 
 @dataclass
@@ -130,45 +135,18 @@ def _params(est: Any) -> dict[str, Any]:
 
 
 # ---- the default model set ---------------------------------------------------------------------
-MODEL_NAMES = ("adaboost", "logistic", "clinical-mlp", "mean+clinical", "max+clinical",
-               "attention+clinical", "gated+clinical", "attention-images-only",
-               "mixture-of-experts", "late-fusion")
-
-
 def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], list[str]]:
-    """The comparison's models in report order, and notes on those skipped.
+    """The comparison's models in report order (:mod:`lymph.compare_models`), and notes on
+    those skipped.
 
     Clinical-only: AdaBoost, logistic regression, the clinical MLP; images + clinical: the
-    MIL head with mean, max, attention and gated attention pooling; images only: attention;
-    the mixture of experts; late fusion. On a store without clinical columns the models
-    that need clinical data are skipped (with a note).
+    MIL head with every comparison pooling (mean, max, attention, gated attention); images
+    only: attention; the mixture of experts; late fusion. On a store without clinical
+    columns the models that need clinical data are skipped (with a note).
     """
-    from lymph.baselines import AdaBoostClinical, LateFusion, LogisticClinical, MixtureOfExperts
-    from lymph.head.estimator import MILClassifier
-
-    fast = dict(FAST_MIL, seed=seed)
     specs: dict[str, ModelSpec] = {
-        "adaboost": ModelSpec(lambda: AdaBoostClinical(seed=seed, inner_folds=2), CLINICAL, None,
-                              "AdaBoost on clinical features (the report's baseline)"),
-        "logistic": ModelSpec(lambda: LogisticClinical(seed=seed), CLINICAL, None,
-                              "logistic regression on clinical features"),
-        "clinical-mlp": ModelSpec(lambda: MILClassifier(images=False, **fast), CLINICAL, None,
-                                  "MLP on clinical features"),
-    }
-    for pool in ("mean", "max", "attention", "gated"):
-        specs[f"{pool}+clinical"] = ModelSpec(
-            (lambda p: lambda: MILClassifier(pooling=p, **fast))(pool), IMAGES_CLINICAL, pool,
-            f"MIL head, {pool} pooling, with clinical features")
-    specs["attention-images-only"] = ModelSpec(
-        lambda: MILClassifier(pooling="attention", clinical=False, **fast), IMAGES, "attention",
-        "MIL head, attention pooling, images only")
-    specs["mixture-of-experts"] = ModelSpec(
-        lambda: MixtureOfExperts(seed=seed, max_epochs=FAST_MIL["max_epochs"],
-                                 patience=FAST_MIL["patience"],
-                                 batch_size=FAST_MIL["batch_size"]),
-        IMAGES_CLINICAL, "attention", "mixture of an image and a clinical expert")
-    specs["late-fusion"] = ModelSpec(lambda: LateFusion(seed=seed), IMAGES_CLINICAL, None,
-                                     "late fusion: pooled image score + clinical, logistic")
+        e.name: ModelSpec(e.make(seed), e.inputs, e.pooling, e.description)
+        for e in model_entries()}
     notes: list[str] = []
     if not list(store.clinical_columns):
         skipped = [n for n, s in specs.items() if s.inputs != IMAGES]
@@ -182,10 +160,11 @@ def select_models(specs: dict[str, ModelSpec], names: str | list[str] | None) ->
     if names is None:
         return specs
     wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
-    unknown = [n for n in wanted if n not in MODEL_NAMES]
+    known = model_names()
+    unknown = [n for n in wanted if n not in known]
     if unknown:
         raise LymphError(f"--models: unknown model(s) {', '.join(unknown)}; expected names from "
-                         f"{', '.join(MODEL_NAMES)}")
+                         f"{', '.join(known)}")
     missing = [n for n in wanted if n not in specs]
     if missing:
         raise LymphError(f"--models: {', '.join(missing)} cannot run on this store (no clinical "

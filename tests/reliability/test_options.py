@@ -139,11 +139,14 @@ def test_early_name_checks_read_the_registries() -> None:
     import subprocess
     import sys
 
-    from lymph.checks import module_constant
-    from lymph.head.pooling import POOLINGS
+    from lymph.head.registry import POOLINGS
 
     code = ("import sys; from lymph.encoder.registry import method_names; "
-            "print(','.join(method_names())); assert 'torch' not in sys.modules")
+            "from lymph.head.registry import pooling_names, fusion_names; "
+            "print(','.join(method_names())); print(','.join(pooling_names())); "
+            "print(','.join(fusion_names())); assert 'torch' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["ae,contrastive,morphometry,weak"]
-    assert tuple(module_constant("lymph.head.pooling", "POOLINGS")) == tuple(POOLINGS)
+    methods, poolings, fusions = out.stdout.split()
+    assert methods == "ae,contrastive,morphometry,weak"
+    assert tuple(poolings.split(",")) == tuple(POOLINGS)
+    assert fusions == "concat,late"

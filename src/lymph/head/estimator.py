@@ -40,7 +40,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from lymph.errors import LymphError
 from lymph.head.bags import Scaler, check_bags, instances_of, make_buckets
 from lymph.head.model import HeadConfig, MILHead
-from lymph.head.pooling import POOLINGS
+from lymph.head.registry import check_pooling
 from lymph.head.train import TrainResult, choose_threshold, forward_groups, make_groups, train
 
 
@@ -126,8 +126,7 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
 
     # ---- fitting ------------------------------------------------------------------------
     def _check_params(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise LymphError(f"pooling: expected one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        check_pooling(self.pooling)
         if not (self.threshold == "inner" or isinstance(self.threshold, (int, float))):
             raise LymphError(f"threshold: expected 'inner' or a number in (0, 1), got {self.threshold!r}")
         if not self.images and not self.clinical:

@@ -15,7 +15,8 @@ from torch import nn
 
 from lymph.configdict import config_from_dict, config_to_dict
 from lymph.errors import LymphError
-from lymph.head.pooling import POOLINGS, make_pooling
+from lymph.head.pooling import make_pooling
+from lymph.head.registry import check_pooling
 
 
 @dataclass
@@ -47,8 +48,7 @@ class MILHead(nn.Module):
 
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
-        if cfg.pooling not in POOLINGS:
-            raise LymphError(f"pooling: expected one of {', '.join(POOLINGS)}, got {cfg.pooling!r}")
+        check_pooling(cfg.pooling)
         if cfg.dim == 0 and cfg.n_clinical == 0:
             raise LymphError("head: no input left (images off and no clinical features); "
                              "expected images, clinical features or both")

@@ -1,4 +1,5 @@
-"""Masked MIL pooling over padded bags: attention, gated attention, mean, max.
+"""Masked MIL pooling over padded bags: attention, gated attention, mean, max (each
+registered by name in :mod:`lymph.head.registry`).
 
 Every pooling takes a padded batch ``x`` of shape ``(B, N, D)`` and a boolean ``mask``
 ``(B, N)`` (True = a real instance) and returns ``(pooled (B, D), weights (B, N))``. Padded
@@ -16,9 +17,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-POOLINGS = ("attention", "gated", "mean", "max")
-
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over dim 1 of ``scores (B, N)`` restricted to ``mask``; never NaN.
@@ -85,15 +83,17 @@ class MaxPool(nn.Module):
         return pooled, a * mask
 
 
-def make_pooling(name: str, dim: int, hidden: int = 128) -> nn.Module:
-    if name == "attention":
-        return AttentionPool(dim, hidden)
-    if name == "gated":
-        return GatedAttentionPool(dim, hidden)
-    if name == "mean":
-        return MeanPool()
-    if name == "max":
-        return MaxPool()
-    from lymph.errors import LymphError
+def mean_pool(dim: int, hidden: int = 128) -> nn.Module:
+    return MeanPool()
 
-    raise LymphError(f"pooling: expected one of {', '.join(POOLINGS)}, got {name!r}")
+
+def max_pool(dim: int, hidden: int = 128) -> nn.Module:
+    return MaxPool()
+
+
+def make_pooling(name: str, dim: int, hidden: int = 128) -> nn.Module:
+    """The pooling ``name`` of the registry (:mod:`lymph.head.registry`) for ``dim``-wide
+    instances."""
+    from lymph.head.registry import build_pooling
+
+    return build_pooling(name, dim, hidden)

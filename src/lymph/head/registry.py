@@ -51,10 +51,10 @@ def register_pooling(spec: PoolingSpec) -> PoolingSpec:
 
 
 register_pooling(PoolingSpec("attention", "lymph.head.pooling:AttentionPool",
-                             "attention (Ilse et al. 2018)", compare_rank=3))
+                             "Ilse et al. 2018", compare_rank=3))
 register_pooling(PoolingSpec("gated", "lymph.head.pooling:GatedAttentionPool",
-                             "gated attention", compare_rank=4))
-register_pooling(PoolingSpec("mean", "lymph.head.pooling:mean_pool", "mean", compare_rank=1))
+                             "gated attention, Ilse et al. 2018", compare_rank=4))
+register_pooling(PoolingSpec("mean", "lymph.head.pooling:mean_pool", "", compare_rank=1))
 register_pooling(PoolingSpec("max", "lymph.head.pooling:max_pool", "per-feature maximum",
                              compare_rank=2))
 
@@ -82,7 +82,7 @@ def comparison_poolings() -> list[str]:
 
 
 def pooling_help() -> str:
-    return ", ".join(f"{n} ({s.help})" if s.help != n else n for n, s in POOLINGS.items()) + "."
+    return ", ".join(f"{n} ({s.help})" if s.help else n for n, s in POOLINGS.items()) + "."
 
 
 # ---- estimators of a model directory --------------------------------------------------------
@@ -90,7 +90,12 @@ def pooling_help() -> str:
 class EstimatorSpec:
     name: str  # the class name, as model.json's "estimator" records it
     cls: str | type
-    state: str  # "weights" or "json"
+    #: "weights": a torch head (head.pt, scalers, HeadConfig); "json": ``to_json()`` /
+    #: ``from_json(state)`` kept in model.json under ``state_key``
+    state: str
+    #: the ``fit-head --fusion`` value that fits it (None: not a fit-head model)
+    fusion: str | None = None
+    state_key: str | None = None
 
 
 ESTIMATORS: dict[str, EstimatorSpec] = {}
@@ -101,16 +106,30 @@ def register_estimator(spec: EstimatorSpec) -> EstimatorSpec:
     return spec
 
 
-register_estimator(EstimatorSpec("MILClassifier", "lymph.head.estimator:MILClassifier", "weights"))
-register_estimator(EstimatorSpec("LateFusion", "lymph.baselines.late_fusion:LateFusion", "json"))
+register_estimator(EstimatorSpec("MILClassifier", "lymph.head.estimator:MILClassifier",
+                                 "weights", fusion="concat"))
+register_estimator(EstimatorSpec("LateFusion", "lymph.baselines.late_fusion:LateFusion", "json",
+                                 fusion="late", state_key="late_fusion"))
 
 
 def estimator_spec(name: Any, where: str = "estimator") -> EstimatorSpec:
     if name not in ESTIMATORS:
-        raise LymphError(f"{where}: expected one of {', '.join(repr(n) for n in ESTIMATORS)}, "
-                         f"got {name!r}")
+        expected = " or ".join(repr(n) for n in ESTIMATORS)
+        raise LymphError(f"{where}: expected {expected}, got {name!r}")
     return ESTIMATORS[name]
 
 
 def estimator_class(name: str) -> Any:
     return _resolve(estimator_spec(name).cls)
+
+
+def fusion_names() -> tuple[str, ...]:
+    return tuple(s.fusion for s in ESTIMATORS.values() if s.fusion is not None)
+
+
+def fusion_estimator(fusion: Any, setting: str = "fusion") -> EstimatorSpec:
+    """The estimator that ``fit-head --fusion FUSION`` fits."""
+    for s in ESTIMATORS.values():
+        if s.fusion is not None and s.fusion == fusion:
+            return s
+    raise LymphError(f"{setting}: expected one of {', '.join(fusion_names())}, got {fusion!r}")

@@ -22,7 +22,7 @@ from lymph.errors import LymphError
 
 def choose(result: Any, chosen: str | None) -> tuple[Any, Any, str]:
     """(chosen model, best clinical-only model or None, the rule that chose it)."""
-    from lymph.compare import CLINICAL, IMAGES_CLINICAL
+    from lymph.compare_models import CLINICAL, IMAGES_CLINICAL
 
     ranked = result.ranked()
     clin = next((m for m in ranked if m.spec.inputs == CLINICAL), None)
