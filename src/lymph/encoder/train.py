@@ -408,15 +408,10 @@ def _check_resumable(ck: dict[str, Any], path: Path, method: str, model_config: 
 
 def save_loss_curve(losses: list[float], path: str | Path, title: str = "training loss",
                     ylabel: str = MSE) -> Path:
-    """Epoch losses as a PNG (matplotlib's Agg canvas; no global backend switch)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """Epoch losses as a PNG (:mod:`lymph.figures`: no global backend switch)."""
+    from lymph.figures import new_figure, save_png
 
-    from lymph.atomic import atomic_path
-
-    fig = Figure(figsize=(5, 3.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    fig, ax = new_figure((5, 3.2), dpi=120)
     ax.plot(np.arange(1, len(losses) + 1), losses, marker="o", ms=3)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
@@ -424,7 +419,4 @@ def save_loss_curve(losses: list[float], path: str | Path, title: str = "trainin
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+    return save_png(fig, path)
