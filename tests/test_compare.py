@@ -19,7 +19,7 @@ from lymph.store import open_store, write_store
 
 MODEL_NAMES = ("adaboost", "logistic", "clinical-mlp", "mean+clinical", "max+clinical",
                "attention+clinical", "gated+clinical", "attention-images-only",
-               "mixture-of-experts", "late-fusion")  # the report's order, as before the registry
+               "mixture-of-experts", "late-fusion", "bag-stats-forest")  # the report's order
 
 FAST = "adaboost,logistic,clinical-mlp,mean+clinical,mixture-of-experts,late-fusion"
 
@@ -37,6 +37,8 @@ def _quick(specs: dict) -> dict:
             est = spec.make()
             if "max_epochs" in est.get_params():
                 est.set_params(max_epochs=6, patience=3)
+            if "n_estimators" in est.get_params() and est.get_params()["n_estimators"] > 50:
+                est.set_params(n_estimators=50)
             return est
         out[name] = type(spec)(make, spec.inputs, spec.pooling, spec.description)
     return out
@@ -83,7 +85,7 @@ def test_paired_refuses_different_folds(store) -> None:
 def test_no_clinical_store_skips_with_note(tmp_path: Path) -> None:
     s = open_store(write_store(tmp_path / "n.h5", **make_bags(n_patients=20, n_clinical=0)))
     specs, notes = default_models(s)
-    assert list(specs) == ["attention-images-only"]
+    assert list(specs) == ["attention-images-only", "bag-stats-forest"]
     assert notes and "adaboost" in notes[0] and "late-fusion" in notes[0]
     with pytest.raises(LymphError, match="cannot run"):
         select_models(specs, "logistic")

@@ -63,7 +63,7 @@ def test_a_registered_pooling_runs_in_fit_head_predict_and_compare(
 
 def test_an_unregistered_pooling_is_refused_by_name(bag_store: Path) -> None:
     r = runner.invoke(app, ["fit-head", "--store", str(bag_store), "--pooling", "median"])
-    assert r.exit_code == 1 and "--pooling: expected one of attention, gated, mean, max" in r.output
+    assert r.exit_code == 1 and "--pooling: expected one of attention, gated, mean, max, dsmil" in r.output
     r = runner.invoke(app, ["compare-baselines", "--store", str(bag_store),
                             "--models", "median+clinical"])
     assert r.exit_code == 1 and "unknown model(s) median+clinical" in r.output
@@ -76,4 +76,4 @@ def test_the_registries_list_their_names_without_torch() -> None:
             "print(len(method_names()), len(pooling_names()), len(model_names())); "
             "assert 'torch' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["4", "4", "10"]
+    assert out.stdout.split() == ["4", "5", "11"]

@@ -66,6 +66,10 @@ def handles_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: library settings whose flag has another name
+SETTING_FLAGS = {"n_jobs": "jobs", "n_threads": "threads", "max_epochs": "epochs"}
+
+
 def flag_names(message: str, fn: Callable[..., Any]) -> str:
     """A library message with the command's flags for the settings it names: a leading
     ``name:`` and every ```name``` that is a parameter of the command ``fn`` become
@@ -77,7 +81,7 @@ def flag_names(message: str, fn: Callable[..., Any]) -> str:
     params = set(inspect.signature(fn).parameters)
 
     def flag(m: re.Match[str]) -> str:
-        name = m.group(1)
+        name = SETTING_FLAGS.get(m.group(1), m.group(1))
         return "--" + name.replace("_", "-") if name in params else m.group(0)
 
     message = re.sub(r"^([a-z_]+)(?=:)", flag, message)
@@ -301,6 +305,29 @@ def store_concat(
                f"dim {s.dim} = {blocks}")
 
 
+@store_app.command("import")
+@handles_errors
+def store_import(
+    sources: Annotated[list[Path], typer.Argument(help="Per-bag .h5/.pt files or folders of them (a 'features' (n, d) array each; the bag id is the file name), or one instance table (.csv, .parquet).")],
+    out: Annotated[Path, typer.Option("--out", help="Store to write (.h5).")],
+    labels: Annotated[Optional[Path], typer.Option("--labels", help="CSV with a header: bag id, label (1, 0, -1 or empty = unknown) and any --clinical columns.")] = None,
+    id_column: Annotated[str, typer.Option(help="Bag id column (labels CSV and instance table).")] = "id",
+    label_column: Annotated[str, typer.Option(help="Label column (labels CSV, or the table's own).")] = "label",
+    positive: Annotated[Optional[str], typer.Option(help="The label value meaning 1 (others 0, empty unknown), for labels other than 0/1.")] = None,
+    clinical: Annotated[Optional[str], typer.Option(help="Comma-separated numeric columns of the labels CSV to store as clinical features.")] = None,
+    features_key: Annotated[str, typer.Option(help="Dataset (.h5) or dict key (.pt) holding the (n, d) features.")] = "features",
+) -> None:
+    """Write a format-1 store from other tools' features (streamed; see docs/store-format.md)."""
+    from lymph.store_import import import_store
+
+    cols = [c.strip() for c in clinical.split(",") if c.strip()] if clinical else []
+    r = import_store(list(sources), out, labels=labels, id_column=id_column,
+                     label_column=label_column, positive=positive, clinical=cols,
+                     features_key=features_key)
+    typer.echo(f"wrote {r['path']}: {r['instances']} instances of dim {r['dim']} in {r['bags']} "
+               f"bags ({r['labelled']} labelled) from {r['kind']}")
+
+
 @store_app.command("info")
 @handles_errors
 def store_info(
@@ -335,7 +362,7 @@ def fit_head(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="PR curve PNG (default: beside --json; always in MODEL_DIR/cv/).")] = None,
     no_clinical: Annotated[bool, typer.Option("--no-clinical", help="Images only.")] = False,
     no_images: Annotated[bool, typer.Option("--no-images", help="Clinical-only MLP.")] = False,
-    threshold: Annotated[str, typer.Option(help="'inner' (max balanced accuracy on the inner validation split) or a number, e.g. 0.5.")] = "inner",
+    threshold: Annotated[str, typer.Option(help="'inner' (0.5 unless the cut of max balanced accuracy on inner out-of-fold probabilities beats it by 2 standard errors) or a number, e.g. 0.5.")] = "inner",
     epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping on the inner split).")] = 100,
     patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs.")] = 15,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
@@ -345,13 +372,15 @@ def fit_head(
     attention_hidden: Annotated[int, typer.Option(help="Attention hidden size.")] = 128,
     threads: Annotated[int, typer.Option(help="Torch threads (1 is fastest for this small head).")] = 1,
     fusion: Annotated[str, typer.Option(help="concat (pooled images + clinical -> MLP) or late (pooled image score + clinical -> logistic regression; ignores the MLP options).")] = "concat",
+    members: Annotated[str, typer.Option(help="'auto' (an inner-CV ensemble of 5 heads below 1000 fit patients, else one head) or a number of heads (1 = one head on an inner split).")] = "auto",
+    jobs: Annotated[int, typer.Option(help="Folds run in this many processes (same results for a seed; e.g. the number of cores).")] = 1,
 ) -> None:
     """Cross-validate a MIL head (pooling + clinical MLP) on a store; save the final model."""
     check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1),
                   epochs=(epochs, "int", 1), patience=(patience, "int", 1), lr=(lr, "pos"),
                   weight_decay=(weight_decay, "float", 0.0), dropout=(dropout, "frac"),
                   batch_size=(batch_size, "int", 1), attention_hidden=(attention_hidden, "int", 1),
-                  threads=(threads, "int", 1))
+                  threads=(threads, "int", 1), jobs=(jobs, "int", 1))
     from lymph.checks import check_choice, check_threshold
     from lymph.head.registry import check_pooling, fusion_names  # torch-free
 
@@ -368,6 +397,7 @@ def fit_head(
 
     from lymph.console import progress_bar
     from lymph.head.fit import fit_head as run_fit_head
+    from lymph.head.fit import parse_members
 
     with progress_bar("fit-head", folds * repeats) as update:
         res = run_fit_head(
@@ -376,7 +406,7 @@ def fit_head(
             clinical=not no_clinical, images=not no_images, threshold=threshold,
             max_epochs=epochs, patience=patience, lr=lr, weight_decay=weight_decay,
             dropout=dropout, batch_size=batch_size, attention_hidden=attention_hidden,
-            n_threads=threads, fusion=fusion)
+            n_threads=threads, fusion=fusion, members=parse_members(members), n_jobs=jobs)
     r = res.report
     table = Table(title=f"{r['model']}: {folds}-fold x {repeats}, {r['n_patients']} patients, "
                         f"{r['seconds']:.1f} s", min_width=64)
@@ -478,9 +508,11 @@ def compare_baselines(
     folds_from_store: Annotated[bool, typer.Option("--folds-from-store", help="Use stage one's folds recorded in a weak store (one repeat; --folds/--repeats ignored), to measure stacking optimism.")] = False,
     target_sensitivity: Annotated[float, typer.Option("--target-sensitivity", help="The report's triage operating point: sensitivity for malignancy the threshold must reach, chosen inside each training fold.")] = 0.95,
     chosen: Annotated[Optional[str], typer.Option("--chosen", help="The report's chosen model (default: the best images + clinical model by balanced accuracy).")] = None,
+    jobs: Annotated[int, typer.Option(help="Folds of each model run in this many processes (same results for a seed).")] = 1,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
-    check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1))
+    check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1),
+                  jobs=(jobs, "int", 1))
     from lymph.report.triage import check_target
 
     check_target(target_sensitivity)
@@ -496,7 +528,7 @@ def compare_baselines(
                                    json_path=json_out, models=models, images=images,
                                    montages=montages, progress=lambda n, d, t: update(),
                                    folds_from_store=folds_from_store, chosen=chosen,
-                                   target_sensitivity=target_sensitivity)
+                                   target_sensitivity=target_sensitivity, n_jobs=jobs)
     print_comparison(res)
     if "report_json" in outputs:
         from lymph.report.clinical_md import terminal_summary

@@ -141,11 +141,14 @@ def default_models(store: Any, seed: int = 0) -> tuple[dict[str, ModelSpec], lis
 
     Clinical-only: AdaBoost, logistic regression, the clinical MLP; images + clinical: the
     MIL head with every comparison pooling (mean, max, attention, gated attention); images
-    only: attention; the mixture of experts; late fusion. On a store without clinical
-    columns the models that need clinical data are skipped (with a note).
+    only: attention; the mixture of experts; late fusion; the bag-statistics forest. On a
+    store without clinical columns the models that need clinical data are skipped (with a
+    note).
     """
+    clinical = bool(list(store.clinical_columns))
     specs: dict[str, ModelSpec] = {
-        e.name: ModelSpec(e.make(seed), e.inputs, e.pooling, e.description)
+        e.name: ModelSpec(e.make(seed), IMAGES if e.clinical_optional and not clinical else e.inputs,
+                          e.pooling, e.description)
         for e in model_entries()}
     notes: list[str] = []
     if not list(store.clinical_columns):
@@ -163,44 +166,46 @@ def select_models(specs: dict[str, ModelSpec], names: str | list[str] | None) ->
     known = model_names()
     unknown = [n for n in wanted if n not in known]
     if unknown:
-        raise LymphError(f"--models: unknown model(s) {', '.join(unknown)}; expected names from "
+        raise LymphError(f"models: unknown model(s) {', '.join(unknown)}; expected names from "
                          f"{', '.join(known)}")
     missing = [n for n in wanted if n not in specs]
     if missing:
-        raise LymphError(f"--models: {', '.join(missing)} cannot run on this store (no clinical "
+        raise LymphError(f"models: {', '.join(missing)} cannot run on this store (no clinical "
                          "columns)")
     if not wanted:
-        raise LymphError("--models: expected at least one model name (empty selection)")
+        raise LymphError("models: expected at least one model name (empty selection)")
     return {n: specs[n] for n in wanted}
 
 
 class _Recorder:
-    """Wraps an estimator inside the CV: ``predict_proba`` also keeps each test patient's
-    instance weights (first time a patient is scored, i.e. its repeat-0 fold)."""
+    """Wraps an estimator inside the CV: ``cv_extra`` returns the fold's coefficients and each
+    test patient's instance weights and cell scores (kept by :func:`compare` the first time a
+    patient is scored, i.e. in its repeat-0 fold); returned rather than stored, so that it
+    works in fold worker processes."""
 
-    def __init__(self, est: Any, sink: dict[str, np.ndarray],
-                 scores: dict[str, np.ndarray] | None = None,
-                 coefs: list[dict[str, float]] | None = None) -> None:
-        self.est, self.sink = est, sink
-        self.scores, self.coefs = scores, coefs
+    def __init__(self, est: Any) -> None:
+        self.est = est
 
     def fit(self, store: Any) -> _Recorder:
         self.est.fit(store)
-        if self.coefs is not None and hasattr(self.est, "coefficients"):
-            self.coefs.append(dict(self.est.coefficients()))
         return self
 
     def predict_proba(self, store: Any) -> np.ndarray:
-        p = self.est.predict_proba(store)
+        return self.est.predict_proba(store)
+
+    def cv_extra(self, store: Any) -> dict[str, Any]:
+        """The fitted model's coefficients, and each test patient's instance weights and cell
+        scores (models that have them)."""
+        extra: dict[str, Any] = {}
+        if hasattr(self.est, "coefficients"):
+            extra["coefficients"] = dict(self.est.coefficients())
         if hasattr(self.est, "attention") and getattr(self.est, "images", True) is not False:
-            new = [k for k, pid in enumerate(store.ids) if str(pid) not in self.sink]
-            if new:
-                for k, w in zip(new, self.est.attention(store.subset(new))):
-                    self.sink[str(store.ids[k])] = np.asarray(w)
-                if self.scores is not None and hasattr(self.est, "cell_scores"):
-                    for k, w in zip(new, self.est.cell_scores(store.subset(new))):
-                        self.scores[str(store.ids[k])] = np.asarray(w)
-        return p
+            ids = [str(pid) for pid in store.ids]
+            extra["attention"] = dict(zip(ids, map(np.asarray, self.est.attention(store))))
+            if hasattr(self.est, "cell_scores"):
+                extra["cell_scores"] = dict(zip(ids, map(np.asarray,
+                                                         self.est.cell_scores(store))))
+        return extra
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["est"], name)
@@ -229,13 +234,14 @@ def paired(a: ModelResult, b: ModelResult) -> dict[str, Any]:
 def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], Any]],
             folds: int = 5, repeats: int = 1, seed: int = 0,
             progress: Callable[[str, int, int], None] | None = None,
-            fold_list: list[Fold] | None = None) -> ComparisonResult:
+            fold_list: list[Fold] | None = None, n_jobs: int = 1) -> ComparisonResult:
     """Cross-validate every model on the same folds (one :func:`make_folds` call).
 
     ``models`` maps names to :class:`ModelSpec` (or bare factories, treated as
     images + clinical models). ``progress(name, done, total)`` is called after each fold.
     ``fold_list`` replaces the folds (e.g. stage one's, :func:`folds_from_store`); then
-    ``folds`` and ``repeats`` are taken from it.
+    ``folds`` and ``repeats`` are taken from it. ``n_jobs``: folds of each model in that many
+    worker processes (same results, see :func:`~lymph.head.evaluate.cross_validate`).
     """
     from lymph.baselines import blas_threads
 
@@ -260,8 +266,16 @@ def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], An
             sink: dict[str, np.ndarray] = {}
             scores: dict[str, np.ndarray] = {}
             coefs: list[dict[str, float]] = []
-            cv = cross_validate(lambda s=spec, k=sink, sc=scores, co=coefs: _Recorder(s.make(), k, sc, co),
-                                store, fold_list, progress=cb)
+            extras: dict[int, dict[str, Any]] = {}
+            cv = cross_validate(lambda s=spec: _Recorder(s.make()), store, fold_list,
+                                progress=cb, n_jobs=n_jobs, extras=extras)
+            for k in sorted(extras):  # fold order: a patient's first (repeat-0) scoring wins
+                for pid, w in extras[k].get("attention", {}).items():
+                    sink.setdefault(pid, w)
+                for pid, w in extras[k].get("cell_scores", {}).items():
+                    scores.setdefault(pid, w)
+                if "coefficients" in extras[k]:
+                    coefs.append(extras[k]["coefficients"])
             results[name] = ModelResult(name, spec, cv, summarise(cv), _params(spec.make()), sink,
                                         scores, coefs)
     res = ComparisonResult(
@@ -300,6 +314,7 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
                 folds_from_store: bool = False, chosen: str | None = None,
                 target_sensitivity: float = 0.95,
                 predict_unlabelled: Callable[[float | None], dict[str, Any] | None] | None = None,
+                n_jobs: int = 1,
                 ) -> tuple[ComparisonResult, dict[str, Any]]:
     """``lymph compare-baselines``: open the store, compare, write ``--json`` and the report.
 
@@ -326,7 +341,7 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     specs, notes = default_models(s, seed=seed)
     specs = select_models(specs, models)
     if chosen is not None and chosen not in specs:
-        raise LymphError(f"--chosen: {chosen!r} is not among the models of this comparison "
+        raise LymphError(f"chosen: {chosen!r} is not among the models of this comparison "
                          f"({', '.join(specs)})")
     if (s.provenance or {}).get("weak_folds"):
         from lymph.encoder.weak_checks import check_fold_safety
@@ -340,7 +355,7 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
         notes.append(f"folds: stage one's {len(fold_list)} folds (--folds-from-store), one "
                      "repeat; --folds and --repeats ignored")
     res = compare(s, specs, folds=folds, repeats=repeats, seed=seed, progress=progress,
-                  fold_list=fold_list)
+                  fold_list=fold_list, n_jobs=n_jobs)
     res.notes[:0] = notes
     outputs: dict[str, Any] = {}
     predictions = None

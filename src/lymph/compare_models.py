@@ -36,6 +36,8 @@ class ModelEntry:
     pooling: str | None = None
     description: str = ""
     per_pooling: bool = False
+    #: reads the clinical columns when the store has them (else it is an images model)
+    clinical_optional: bool = False
 
     def make(self, seed: int) -> Callable[[], Any]:
         """A factory of fresh, unfitted estimators with this seed."""
@@ -123,6 +125,12 @@ def _late_fusion(seed: int, pooling: str | None) -> Any:
     return LateFusion(seed=seed)
 
 
+def _bag_stats_forest(seed: int, pooling: str | None) -> Any:
+    from lymph.baselines.bag_stats import BagStatsForest
+
+    return BagStatsForest(seed=seed)
+
+
 _HERE = "lymph.compare_models"
 register_model(ModelEntry("adaboost", CLINICAL, f"{_HERE}:_adaboost", None,
                           "AdaBoost on clinical features (the report's baseline)"))
@@ -139,3 +147,7 @@ register_model(ModelEntry("mixture-of-experts", IMAGES_CLINICAL, f"{_HERE}:_moe"
                           "mixture of an image and a clinical expert"))
 register_model(ModelEntry("late-fusion", IMAGES_CLINICAL, f"{_HERE}:_late_fusion", None,
                           "late fusion: pooled image score + clinical, logistic"))
+# issue 17: does attention earn its place?
+register_model(ModelEntry("bag-stats-forest", IMAGES_CLINICAL, f"{_HERE}:_bag_stats_forest", None,
+                          "random forest (500 trees) on per-bag [mean, max, min] (+ clinical "
+                          "columns)", clinical_optional=True))

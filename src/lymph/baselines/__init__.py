@@ -11,6 +11,9 @@ scikit-learn ``BaseEstimator``/``ClassifierMixin``, ``__init__`` stores paramete
 - :class:`LateFusion`: the bag's pooled image score joins the clinical features in a
   regularised logistic regression (stacking; issue 9, stage two).
 
+- :class:`BagStatsForest`, :class:`BagStatsBoosting`: trees on per-bag [mean, max, min]
+  of the instances (+ clinical columns): the bag-statistics baseline of issue 17.
+
 (The clinical MLP is ``MILClassifier(images=False)``.)
 
 Threshold rule of the scikit-learn models: out-of-fold probabilities of an inner stratified
@@ -19,10 +22,11 @@ Threshold rule of the scikit-learn models: out-of-fold probabilities of an inner
 The torch model (mixture of experts) uses the head's rule: an inner stratified validation
 split for early stopping and the threshold.
 """
+from lymph.baselines.bag_stats import BagStatsBoosting, BagStatsForest, bag_stats
 from lymph.baselines.clinical import AdaBoostClinical, LogisticClinical
 from lymph.baselines.common import bag_mean_quantile, blas_threads
 from lymph.baselines.late_fusion import LOGIT_COLUMNS, LateFusion, logit_column
 from lymph.baselines.moe import MixtureOfExperts, MoENet
 
-__all__ = ["AdaBoostClinical", "LOGIT_COLUMNS", "LateFusion", "LogisticClinical",
+__all__ = ["AdaBoostClinical", "BagStatsBoosting", "BagStatsForest", "bag_stats", "LOGIT_COLUMNS", "LateFusion", "LogisticClinical",
            "MixtureOfExperts", "MoENet", "bag_mean_quantile", "blas_threads", "logit_column"]

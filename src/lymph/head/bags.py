@@ -32,12 +32,19 @@ class Scaler:
     std: np.ndarray
 
     @classmethod
-    def fit(cls, x: np.ndarray) -> Scaler:
-        x64 = np.asarray(x, dtype=np.float64)
-        if x64.shape[0] == 0:
-            return cls(np.zeros(x64.shape[1]), np.ones(x64.shape[1]))
-        std = x64.std(axis=0)
-        return cls(x64.mean(axis=0), np.where(std < 1e-6, 1.0, std))
+    def fit(cls, x: np.ndarray, block: int = 1 << 16) -> Scaler:
+        """Mean and (population) std in float64, in blocks of rows: a million float32
+        instances never become a float64 copy (cohort scale, issue 17)."""
+        x = np.asarray(x)
+        if x.shape[0] == 0:
+            return cls(np.zeros(x.shape[1]), np.ones(x.shape[1]))
+        mean = x.mean(axis=0, dtype=np.float64)
+        ss = np.zeros(x.shape[1])
+        for s in range(0, x.shape[0], block):  # blocks of rows, not a loop over bags
+            d = x[s : s + block].astype(np.float64) - mean
+            ss += np.einsum("ij,ij->j", d, d)
+        std = np.sqrt(ss / x.shape[0])
+        return cls(mean, np.where(std < 1e-6, 1.0, std))
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         return ((np.asarray(x, dtype=np.float64) - self.mean) / self.std).astype(np.float32)
@@ -101,8 +108,10 @@ def make_buckets(emb: np.ndarray, ptr: np.ndarray, rows: np.ndarray, scaler: Sca
     out = []
     for pos in bucket_rows(sizes, max_ratio, min_bucket):
         x, mask = pad(emb, ptr, rows[pos])
-        if scaler is not None:
-            x = ((x - scaler.mean.astype(np.float32)) / scaler.std.astype(np.float32)) * mask[..., None]
+        if scaler is not None:  # in place: no padded-size temporaries (cohort scale)
+            x -= scaler.mean.astype(np.float32)
+            x /= scaler.std.astype(np.float32)
+            x *= mask[..., None]
         out.append(Bucket(pos, torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
                           torch.from_numpy(mask), sizes[pos]))
     return out

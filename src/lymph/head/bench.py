@@ -113,11 +113,11 @@ def bench_fit_head(store: Any, folds: int = 5, seed: int = 0, repeats: int = 3,
     """Time ``folds``-fold CV of the vectorised head (median of ``repeats``) and of the
     reference-style training on the same folds and epochs; return times, ratio, accuracies."""
     fl = make_folds(store.labels, folds, 1, seed)
-    MILClassifier(pooling=pooling, seed=seed, max_epochs=2).fit(store.subset(fl[0][2]))  # warm-up
+    MILClassifier(pooling=pooling, seed=seed, max_epochs=2, members=1).fit(store.subset(fl[0][2]))  # warm-up
     times, cv = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        cv = cross_validate(lambda: MILClassifier(pooling=pooling, seed=seed), store, fl)
+        cv = cross_validate(lambda: MILClassifier(pooling=pooling, seed=seed, members=1), store, fl)
         times.append(time.perf_counter() - t0)
     assert cv is not None
     epochs = [int(f.info["epochs_run"]) for f in cv.folds]
@@ -132,7 +132,8 @@ def bench_fit_head(store: Any, folds: int = 5, seed: int = 0, repeats: int = 3,
         it = iter(epochs)
         t0 = time.perf_counter()
         ref = cross_validate(
-            lambda: ReferenceMILClassifier(pooling=pooling, seed=seed, max_epochs=next(it)),
+            lambda: ReferenceMILClassifier(pooling=pooling, seed=seed, max_epochs=next(it),
+                                                 members=1),
             store, fl)
         out["reference_seconds"] = time.perf_counter() - t0
         out["reference"] = {k: v["mean"] for k, v in summarise(ref).items()}

@@ -29,85 +29,73 @@ reproducible. ``None`` keeps the process setting.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
 
 from lymph.errors import LymphError
-from lymph.head.bags import Scaler, check_bags, instances_of, make_buckets
+from lymph.head.bags import check_bags
+from lymph.head.base import TorchBagEstimator, check_threshold, clinical_matrix, labelled_rows
+from lymph.head.base import torch_threads as _threads
+from lymph.head.base import where as _where
+from lymph.head.ensemble import build_head
 from lymph.head.model import HeadConfig, MILHead
 from lymph.head.registry import check_pooling
-from lymph.head.train import TrainResult, choose_threshold, forward_groups, make_groups, train
+from lymph.head.train import (
+    TrainResult,
+    choose_threshold_guarded,
+    forward_groups,
+    train,
+)
+
+#: ``members="auto"``: an inner-CV ensemble below this many fit patients, one head above
+#: (where a 20% inner split already holds hundreds of patients).
+AUTO_ENSEMBLE_BELOW = 1000
 
 
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n is not None and n != old:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n is not None and n != old:
-            torch.set_num_threads(old)
+#: ``patience`` counts epochs of up to this many training patients (see scaled_patience).
+PATIENCE_PATIENTS = 1000
 
 
-def _where(store: Any) -> str:
-    return str(store.path) if getattr(store, "path", None) is not None else "store"
+def scaled_patience(patience: int, n_train: int, floor: int = 3) -> int:
+    """Early-stopping patience measured in patients seen rather than epochs: ``patience``
+    epochs up to :data:`PATIENCE_PATIENTS` training patients, proportionally fewer epochs
+    above (at least ``floor``, never more than ``patience``). 8,000 patients: 15 -> 3
+    epochs, i.e. still 24,000 patients seen without improvement. Small stores unchanged."""
+    if n_train <= PATIENCE_PATIENTS:
+        return patience
+    return min(patience, max(floor, int(np.ceil(patience * PATIENCE_PATIENTS / n_train))))
 
 
-def labelled_rows(store: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The labelled rows of a store and their labels; both classes must be present."""
-    rows = store.labelled()
-    if rows.size == 0:
-        raise LymphError(f"{_where(store)}: /patients/label: no labelled patients to fit on "
-                         "(empty selection; expected labels 0 or 1)")
-    y = store.labels[rows].astype(np.int64)
-    if np.unique(y).size < 2:
-        raise LymphError(f"{_where(store)}: /patients/label: the fit patients are all of "
-                         f"class {int(y[0])}; expected both classes")
-    return rows, y
-
-
-def clinical_matrix(store: Any, columns: list[str]) -> np.ndarray:
-    """The store's clinical values for ``columns`` (by name, any order), checked finite."""
-    have = list(store.clinical_columns)
-    missing = [c for c in columns if c not in have]
-    if missing:
-        raise LymphError(
-            f"{_where(store)}: /patients/clinical: missing clinical field(s) "
-            f"{', '.join(missing)}; the model expects columns {', '.join(columns)} "
-            f"(the store has {', '.join(have) or 'none'})")
-    x = store.clinical[:, [have.index(c) for c in columns]].astype(np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        raise LymphError(f"{_where(store)}: /patients/clinical: patient {store.ids[i]} has no "
-                         f"value for {columns[j]} (expected a finite number)")
-    return x
-
-
-class MILClassifier(BaseEstimator, ClassifierMixin):
+class MILClassifier(TorchBagEstimator):
     """MIL head: ``pooling`` over instances + standardised clinical features -> MLP -> logit.
 
     ``clinical=False``: images only (also automatic when the store has no clinical
-    columns). ``images=False``: a clinical-only MLP. ``threshold``: ``"inner"`` (chosen on
-    the inner validation split, see :func:`lymph.head.train.choose_threshold`) or a number.
-    ``val_fraction`` of the fit patients (stratified) is the inner validation split used
-    for early stopping and the threshold; the kept model is the one trained on the rest,
-    at its best epoch.
+    columns). ``images=False``: a clinical-only MLP. ``threshold``: ``"inner"`` (the
+    guarded rule of :func:`lymph.head.train.choose_threshold_guarded` on inner
+    out-of-sample probabilities) or a number.
+
+    ``members``: ``"auto"`` (default) is an inner-CV ensemble of ``inner_folds`` heads when
+    the fit set has fewer than :data:`AUTO_ENSEMBLE_BELOW` labelled patients, else one head;
+    an integer forces it (1 = one head). Ensemble (:mod:`lymph.head.ensemble`): head ``k``
+    trains on the fit patients outside inner fold ``k`` and early-stops on fold ``k``; the
+    threshold rule sees every fit patient's out-of-fold probability; predictions average
+    the heads. One head: ``val_fraction`` of the fit patients (stratified) is the inner
+    validation split for early stopping and the threshold; the kept model is the one
+    trained on the rest, at its best epoch.
     """
+
+    #: 0.5 unless the best cut beats it by 2 standard errors (issue 17)
+    threshold_rule = staticmethod(choose_threshold_guarded)
 
     def __init__(self, pooling: str = "attention", clinical: bool = True, images: bool = True,
                  attention_hidden: int = 128, mlp: tuple[int, ...] = (256, 128),
                  dropout: float = 0.25, lr: float = 2e-3, weight_decay: float = 1e-4,
                  max_epochs: int = 100, patience: int = 15, batch_size: int = 32,
                  val_fraction: float = 0.2, seed: int = 0, threshold: str | float = "inner",
-                 n_threads: int | None = 1) -> None:
+                 n_threads: int | None = 1, members: int | str = "auto",
+                 inner_folds: int = 5) -> None:
         self.pooling = pooling
         self.clinical = clinical
         self.images = images
@@ -123,22 +111,64 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
         self.seed = seed
         self.threshold = threshold
         self.n_threads = n_threads
+        self.members = members
+        self.inner_folds = inner_folds
 
     # ---- fitting ------------------------------------------------------------------------
     def _check_params(self) -> None:
         check_pooling(self.pooling)
-        if not (self.threshold == "inner" or isinstance(self.threshold, (int, float))):
-            raise LymphError(f"threshold: expected 'inner' or a number in (0, 1), got {self.threshold!r}")
+        check_threshold(self.threshold)
         if not self.images and not self.clinical:
             raise LymphError("images=False and clinical=False: expected at least one input")
+        m = self.members
+        if not (m == "auto" or (isinstance(m, (int, np.integer)) and not isinstance(m, bool)
+                                and m >= 1)):
+            raise LymphError(f"members: expected 'auto' or an integer >= 1, got {m!r}")
+        if not (isinstance(self.inner_folds, (int, np.integer)) and self.inner_folds >= 2):
+            raise LymphError(f"inner_folds: expected an integer >= 2, got {self.inner_folds!r}")
 
-    def fit(self, store: Any) -> MILClassifier:
+    def _n_members(self, y: np.ndarray) -> int:
+        """Heads of the ensemble for fit labels ``y`` (1 = one head, inner split)."""
+        k = (self.inner_folds if y.size < AUTO_ENSEMBLE_BELOW else 1) if self.members == "auto" \
+            else int(self.members)
+        k = min(k, int(np.bincount(y, minlength=2).min()))  # stratified: each fold both classes
+        return k if k >= 2 else 1
+
+    def fit(self, X: Any, y: Any = None, clinical: Any = None) -> MILClassifier:
+        """Fit on a store (``fit(store)``: its labelled patients) or on plain arrays
+        (``fit(bags, y, clinical=None)``: a list of ``(n_i, d)`` arrays, one label per bag,
+        any two label values; see :mod:`lymph.head.arrays`)."""
+        from lymph.head.arrays import is_store, store_from_arrays
+
+        if is_store(X):
+            if y is not None or clinical is not None:
+                raise LymphError("fit: a store carries its own labels and clinical columns; "
+                                 "expected fit(store) or fit(bags, y, clinical=None)")
+            store, classes = X, None
+        else:
+            if y is None:
+                raise LymphError("y: expected one label per bag with fit(bags, y), got None")
+            store, classes = store_from_arrays(X, y, clinical)
         with _threads(self.n_threads):
-            return self._fit(store)
+            self._fit(store)
+        if classes is not None:
+            self.classes_ = classes
+        return self
+
+    def _as_store(self, X: Any, clinical: Any) -> Any:
+        from lymph.head.arrays import is_store, store_from_arrays
+
+        if not hasattr(self, "model_"):
+            raise LymphError("MILClassifier: not fitted (call fit first)")
+        if is_store(X):
+            if clinical is not None:
+                raise LymphError("clinical: a store carries its own clinical columns; "
+                                 "expected clinical=None with a store")
+            return X
+        return store_from_arrays(X, None, clinical, dim=self.dim_ if self.images else None,
+                                 n_clinical=len(self.clinical_columns_))[0]
 
     def _fit(self, store: Any) -> MILClassifier:
-        from sklearn.model_selection import train_test_split
-
         self._check_params()
         rows, y = labelled_rows(store)
         self.classes_ = np.array([0, 1])
@@ -150,35 +180,52 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
         self.feature_columns_ = store.feature_columns
         if self.images:
             check_bags(store, rows)
-        # Scalers: fitted on the fit patients only (never on the patients evaluated).
-        clin = clinical_matrix(store, self.clinical_columns_)[rows]
-        self.clinical_scaler_ = Scaler.fit(clin)
-        self.instance_scaler_ = (Scaler.fit(instances_of(store.embeddings, store.patient_ptr, rows))
-                                 if self.images else None)
-        # Inner stratified split of the fit patients: early stopping + threshold.
-        pos = np.arange(rows.size)
-        n_val = int(round(self.val_fraction * rows.size))
-        counts = np.bincount(y, minlength=2)
-        if self.val_fraction > 0 and counts.min() >= 2 and n_val >= 2:
-            tr, va = train_test_split(pos, test_size=n_val, stratify=y, random_state=self.seed)
-        else:  # too few patients for an inner split: fixed epochs, threshold 0.5
-            tr, va = pos, pos[:0]
+        zc = self._fit_scalers(store, rows, self.images)  # on the fit patients only
+        k = self._n_members(y)
+        if k > 1:
+            return self._fit_ensemble(store, rows, zc, y, k)
+        tr, va = self._inner_split(y)  # early stopping + threshold
         self.inner_val_ids_ = [str(store.ids[rows[i]]) for i in va]
         cfg = HeadConfig(dim=self.dim_, n_clinical=len(self.clinical_columns_),
                          pooling=self.pooling, attention_hidden=self.attention_hidden,
                          mlp=tuple(self.mlp), dropout=self.dropout)
         self.config_ = cfg
-        zc = self.clinical_scaler_.transform(clin)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             self.model_ = MILHead(cfg)
             res, val_logits = self._train(store, rows, tr, va, zc, y)
         self.best_epoch_, self.epochs_run_ = res.best_epoch, res.epochs_run
-        if self.threshold == "inner" and va.size:
-            p_val = 1.0 / (1.0 + np.exp(-val_logits.astype(np.float64)))
-            self.threshold_ = choose_threshold(y[va], p_val)
-        else:
-            self.threshold_ = 0.5 if self.threshold == "inner" else float(self.threshold)
+        self._set_threshold(y[va], val_logits)
+        return self
+
+    def _fit_ensemble(self, store: Any, rows: np.ndarray, zc: np.ndarray, y: np.ndarray,
+                      k: int) -> MILClassifier:
+        """``k`` heads on ``k`` stratified inner folds, trained together (vectorised)."""
+        from sklearn.model_selection import StratifiedKFold
+
+        from lymph.head.ensemble import train_members
+
+        fold_of = np.zeros(rows.size, dtype=np.int64)
+        skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=self.seed)
+        for j, (_, va) in enumerate(skf.split(np.zeros(rows.size), y)):
+            fold_of[va] = j
+        self.inner_val_ids_ = []  # every fit patient is validated once (out of fold)
+        cfg = HeadConfig(dim=self.dim_, n_clinical=len(self.clinical_columns_),
+                         pooling=self.pooling, attention_hidden=self.attention_hidden,
+                         mlp=tuple(self.mlp), dropout=self.dropout, members=k)
+        self.config_ = cfg
+        groups = self._groups(store, rows, zc, y)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.model_ = build_head(cfg)
+            best, epochs, oof = train_members(
+                self.model_, groups, rows.size, y, fold_of, lr=self.lr,
+                weight_decay=self.weight_decay, max_epochs=self.max_epochs,
+                patience=self.patience, batch_size=self.batch_size,
+                rng=np.random.default_rng(self.seed))
+        self.best_epoch_, self.epochs_run_ = round(float(np.median(best))), int(epochs)
+        self.member_best_epochs_ = [int(b) for b in best]
+        self._set_threshold(y, oof)  # every fit patient out of fold
         return self
 
     def _train(self, store: Any, rows: np.ndarray, tr: np.ndarray, va: np.ndarray,
@@ -190,16 +237,11 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
         va_groups = self._groups(store, rows[va], zc[va], y[va]) if va.size else None
         res = train(self.model_, tr_groups, va_groups, va.size, lr=self.lr,
                     weight_decay=self.weight_decay, max_epochs=self.max_epochs,
-                    patience=self.patience, batch_size=self.batch_size,
-                    rng=np.random.default_rng(self.seed))
+                    patience=scaled_patience(self.patience, tr.size),
+                    batch_size=self.batch_size, rng=np.random.default_rng(self.seed))
         val_logits = (forward_groups(self.model_, va_groups, va.size)[0] if va_groups
                       else np.zeros(0, np.float32))
         return res, val_logits
-
-    def _groups(self, store: Any, rows: np.ndarray, zc: np.ndarray, y: np.ndarray | None) -> list:
-        buckets = (make_buckets(store.embeddings, store.patient_ptr, rows, self.instance_scaler_)
-                   if self.images else None)
-        return make_groups(buckets, zc, y)
 
     # ---- inference ----------------------------------------------------------------------
     def _check_store(self, store: Any) -> np.ndarray:
@@ -228,19 +270,28 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
         with _threads(getattr(self, "n_threads", 1)):
             return forward_groups(self.model_, groups, rows.size, want_weights)
 
-    def predict_proba(self, store: Any) -> np.ndarray:
-        logits, _ = self._forward(store, False)
+    def predict_proba(self, X: Any, clinical: Any = None) -> np.ndarray:
+        """``(n, 2)``: P(classes_[0]), P(classes_[1]) per patient of a store or per bag."""
+        logits, _ = self._forward(self._as_store(X, clinical), False)
         p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
         return np.stack([1.0 - p, p], axis=1)
 
-    def predict(self, store: Any) -> np.ndarray:
-        return (self.predict_proba(store)[:, 1] >= self.threshold_).astype(np.int64)
+    def predict(self, X: Any, clinical: Any = None) -> np.ndarray:
+        """``classes_[1]`` where P >= ``threshold_`` (0/1 for a store)."""
+        pred = (self.predict_proba(X, clinical)[:, 1] >= self.threshold_).astype(np.int64)
+        return np.asarray(self.classes_)[pred]
 
-    def attention(self, store: Any) -> list[np.ndarray]:
+    def score(self, X: Any, y: Any, sample_weight: Any = None, clinical: Any = None) -> float:
+        """Accuracy of :meth:`predict` (scikit-learn's default score)."""
+        from sklearn.metrics import accuracy_score
+
+        return float(accuracy_score(y, self.predict(X, clinical), sample_weight=sample_weight))
+
+    def attention(self, X: Any, clinical: Any = None) -> list[np.ndarray]:
         """Per patient, the pooling weight of each instance (store order; sums to 1)."""
         if not self.images:
             raise LymphError("MILClassifier(images=False): a clinical-only model has no "
                              "instance weights")
-        _, w = self._forward(store, True)
+        _, w = self._forward(self._as_store(X, clinical), True)
         assert w is not None
         return w

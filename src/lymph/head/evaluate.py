@@ -114,31 +114,85 @@ class CVResult:
         return out
 
 
+def _run_fold(make_model: Callable[[], Any], store: Any, fold: Fold
+              ) -> tuple[FoldResult, np.ndarray, dict[str, Any]]:
+    r, f, tr, te = fold
+    t0 = time.perf_counter()
+    model = make_model().fit(store.subset(tr))
+    p = np.asarray(model.predict_proba(store.subset(te)))[:, 1]
+    thr = float(getattr(model, "threshold_", 0.5))
+    y = store.labels[te].astype(np.int64)
+    info = {a: getattr(model, a + "_") for a in ("best_epoch", "epochs_run")
+            if hasattr(model, a + "_")}
+    extra = model.cv_extra(store.subset(te)) if hasattr(model, "cv_extra") else {}
+    return (FoldResult(r, f, tr, te, thr, metrics(y, p, thr), time.perf_counter() - t0, info),
+            p, extra)
+
+
+#: What forked fold workers read (set before the pool starts; fork shares it, no pickling).
+_JOB: dict[str, Any] = {}
+
+
+def _fold_worker(k: int) -> tuple[int, FoldResult, np.ndarray, dict[str, Any]]:
+    import torch
+
+    torch.set_num_threads(1)
+    return (k, *_run_fold(_JOB["make"], _JOB["store"], _JOB["folds"][k]))
+
+
+def _parallel_folds(make_model: Callable[[], Any], store: Any, folds_list: list[Fold],
+                    n_jobs: int) -> Any:
+    """Yield ``(k, FoldResult, p, extra)`` as folds finish in ``n_jobs`` forked processes."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    _JOB.update(make=make_model, store=store, folds=folds_list)
+    try:
+        with ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("fork")) as ex:
+            futs = [ex.submit(_fold_worker, k) for k in range(len(folds_list))]
+            for fut in as_completed(futs):
+                yield fut.result()
+    finally:
+        _JOB.clear()
+
+
 def cross_validate(make_model: Callable[[], Any], store: Any, folds_list: list[Fold],
-                   progress: Callable[[int, int], None] | None = None) -> CVResult:
-    """Fit ``make_model()`` on each fold's training patients, score its test patients."""
+                   progress: Callable[[int, int], None] | None = None,
+                   n_jobs: int = 1, extras: dict[int, dict[str, Any]] | None = None) -> CVResult:
+    """Fit ``make_model()`` on each fold's training patients, score its test patients.
+
+    ``n_jobs > 1``: folds run in that many forked worker processes (POSIX ``fork``: the
+    store is shared, not copied). Every fold's model is seeded by its own parameters and
+    trains on one thread, so results are identical to ``n_jobs=1`` (the tests check it).
+    ``extras``: filled with ``model.cv_extra(test_store)`` per fold index when the model
+    has that method (the comparison's instance weights).
+    """
     if not folds_list:
         raise LymphError("cross_validate: no folds (empty selection)")
+    if not isinstance(n_jobs, int) or n_jobs < 1:
+        raise LymphError(f"n_jobs: expected an integer >= 1, got {n_jobs!r}")
     repeats = max(f[0] for f in folds_list) + 1
     n = store.n_patients
     oof = np.full((repeats, n), np.nan)
     oof_t = np.full((repeats, n), np.nan)
     oof_f = np.full((repeats, n), -1, dtype=np.int64)
-    results = []
+    by_k: dict[int, FoldResult] = {}
     t_all = time.perf_counter()
-    for k, (r, f, tr, te) in enumerate(folds_list):
-        t0 = time.perf_counter()
-        model = make_model().fit(store.subset(tr))
-        p = np.asarray(model.predict_proba(store.subset(te)))[:, 1]
-        thr = float(getattr(model, "threshold_", 0.5))
-        y = store.labels[te].astype(np.int64)
-        info = {a: getattr(model, a + "_") for a in ("best_epoch", "epochs_run")
-                if hasattr(model, a + "_")}
-        results.append(FoldResult(r, f, tr, te, thr, metrics(y, p, thr),
-                                  time.perf_counter() - t0, info))
-        oof[r, te], oof_t[r, te], oof_f[r, te] = p, thr, f
+    import sys
+
+    jobs = min(n_jobs, len(folds_list)) if sys.platform != "win32" else 1
+    runs = (_parallel_folds(make_model, store, folds_list, jobs) if jobs > 1 else
+            ((k, *_run_fold(make_model, store, fold)) for k, fold in enumerate(folds_list)))
+    for done, (k, fr, p, extra) in enumerate(runs, start=1):
+        by_k[k] = fr
+        oof[fr.repeat, fr.test_rows] = p
+        oof_t[fr.repeat, fr.test_rows] = fr.threshold
+        oof_f[fr.repeat, fr.test_rows] = fr.fold
+        if extras is not None and extra:
+            extras[k] = extra
         if progress is not None:
-            progress(k + 1, len(folds_list))
+            progress(done, len(folds_list))
+    results = [by_k[k] for k in range(len(folds_list))]
     return CVResult(ids=store.ids, labels=store.labels, folds=results, oof=oof,
                     oof_threshold=oof_t, oof_fold=oof_f, seconds=time.perf_counter() - t_all)
 

@@ -39,10 +39,23 @@ def parse_threshold(value: str | float) -> str | float:
     try:
         t = float(value)
     except (TypeError, ValueError):
-        raise LymphError(f"--threshold: expected 'inner' or a number in (0, 1), got {value!r}") from None
+        raise LymphError(f"threshold: expected 'inner' or a number in (0, 1), got {value!r}") from None
     if not 0.0 < t < 1.0:
-        raise LymphError(f"--threshold: expected 'inner' or a number in (0, 1), got {value!r}")
+        raise LymphError(f"threshold: expected 'inner' or a number in (0, 1), got {value!r}")
     return t
+
+
+def parse_members(value: str | int) -> str | int:
+    """``--members``: 'auto' or an integer >= 1."""
+    if value == "auto":
+        return "auto"
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        raise LymphError(f"members: expected 'auto' or an integer >= 1, got {value!r}") from None
+    if k < 1:
+        raise LymphError(f"members: expected 'auto' or an integer >= 1, got {value!r}")
+    return k
 
 
 def oof_csv(cv: CVResult) -> str:
@@ -62,7 +75,7 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
              oof_path: str | os.PathLike[str] | None = None,
              plot_path: str | os.PathLike[str] | None = None,
              progress: Any = None, fusion: str = "concat", fold_list: list[Any] | None = None,
-             **params: Any) -> FitHeadResult:
+             n_jobs: int = 1, **params: Any) -> FitHeadResult:
     """Cross-validate ``MILClassifier(pooling=..., **params)`` and save the final model.
 
     ``store`` is a path or an open store. Defaults: the OOF CSV and PR curve go beside
@@ -99,7 +112,7 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
         fold_list = make_folds(s.labels, folds, repeats, seed)
     from sklearn.base import clone
 
-    cv = cross_validate(lambda: clone(proto), s, fold_list, progress=progress)
+    cv = cross_validate(lambda: clone(proto), s, fold_list, progress=progress, n_jobs=n_jobs)
     summary = summarise(cv)
     report: dict[str, Any] = {
         "pooling": pooling if images and fusion == "concat" else None,
@@ -114,7 +127,8 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
         "seconds": round(cv.seconds, 3),
         "seconds_load": round(load_s, 3),
         **summary,
-        "threshold_rule": "inner: max balanced accuracy on the inner validation split"
+        "threshold_rule": "inner: 0.5 unless the max-balanced-accuracy cut on inner "
+        "out-of-fold probabilities beats it by 2 standard errors"
         if proto.threshold == "inner" else f"fixed {proto.threshold}",
         "threshold": {"mean": float(np.mean([f.threshold for f in cv.folds])),
                       "std": float(np.std([f.threshold for f in cv.folds]))},

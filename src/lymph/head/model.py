@@ -27,6 +27,7 @@ class HeadConfig:
     attention_hidden: int = 128
     mlp: tuple[int, ...] = field(default=(256, 128))
     dropout: float = 0.25
+    members: int = 1  # > 1: an inner-CV ensemble of that many heads (lymph.head.ensemble)
 
     @property
     def images(self) -> bool:
@@ -55,7 +56,7 @@ class MILHead(nn.Module):
         self.cfg = cfg
         self.pool = make_pooling(cfg.pooling, cfg.dim, cfg.attention_hidden) if cfg.images else None
         layers: list[nn.Module] = []
-        width = cfg.dim + cfg.n_clinical
+        width = (getattr(self.pool, "out_dim", cfg.dim) if self.pool is not None else 0) + cfg.n_clinical
         for h in cfg.mlp:
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(cfg.dropout)]
             width = h

@@ -326,7 +326,8 @@ def _load(path: Path, mj: Path, meta: dict[str, Any]) -> SavedModel:
     from lymph.finite import check_state
     from lymph.head.bags import Scaler
     from lymph.head.estimator import MILClassifier
-    from lymph.head.model import HeadConfig, MILHead
+    from lymph.head.ensemble import build_head
+    from lymph.head.model import HeadConfig
 
     weights = _expect(mj, meta, "weights", dict, "an object with 'file' and 'sha256'")
     wfile = member_file(path, weights.get("file"), weights.get("sha256"), "weights.file")
@@ -369,7 +370,7 @@ def _load(path: Path, mj: Path, meta: dict[str, Any]) -> SavedModel:
     est.best_epoch_ = training.get("best_epoch")
     est.epochs_run_ = training.get("epochs_run")
     est.inner_val_ids_ = training.get("inner_val_ids", [])
-    net = MILHead(est.config_)
+    net = build_head(est.config_)
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

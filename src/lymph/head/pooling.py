@@ -1,4 +1,4 @@
-"""Masked MIL pooling over padded bags: attention, gated attention, mean, max (each
+"""Masked MIL pooling over padded bags: attention, gated attention, mean, max, dsmil (each
 registered by name in :mod:`lymph.head.registry`).
 
 Every pooling takes a padded batch ``x`` of shape ``(B, N, D)`` and a boolean ``mask``
@@ -11,12 +11,20 @@ same bag alone (``(1, n, D)``, all True): the tests check this for bags of 1 to 
 - ``mean``: weights ``1 / n``.
 - ``max``: per-feature maximum; the reported weight of an instance is the share of the ``D``
   features in which it is the bag's maximum (sums to 1 over the bag, for explanation views).
+- ``dsmil`` (dual stream, after Li et al. 2021, DSMIL): an instance classifier scores every
+  instance, ``c_k = w_c^T h_k``; the critical instance ``m = argmax_k c_k`` anchors the
+  attention ``a_k = softmax_k(<q_k, q_m> / sqrt(H))`` with queries ``q = tanh(Q h)``; the
+  pooled vector is ``[sum_k a_k h_k, c_m]`` (``D + 1``: the max-instance stream's score
+  joins the attention stream's embedding in the MLP).
+
+Poolings whose output is wider than ``D`` say so in ``out_dim``.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over dim 1 of ``scores (B, N)`` restricted to ``mask``; never NaN.
@@ -46,8 +54,11 @@ class AttentionPool(nn.Module):
         if bool(mask.all()):
             s = self.scores(x)  # (B, N)
         else:  # score real instances only: the (n, hidden) projection is the dominant cost
-            s = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
-            s = s.masked_scatter(mask, self.scores(x[mask]))  # x[mask]: (n_real, D)
+            flat = mask.reshape(-1).nonzero().squeeze(1)  # (n_real,) positions in B * N
+            sr = self.scores(x.reshape(-1, x.shape[-1]).index_select(0, flat))  # (n_real,)
+            # out of place (index_add, not masked_scatter): fast under vmap (lymph.head.ensemble)
+            s = torch.zeros(mask.numel(), dtype=sr.dtype, device=x.device).index_add(
+                0, flat, sr).reshape(mask.shape)
         a = masked_softmax(s, mask)  # (B, N)
         return torch.bmm(a.unsqueeze(1), x).squeeze(1), a  # (B, D), (B, N)
 
@@ -81,6 +92,28 @@ class MaxPool(nn.Module):
         a.scatter_add_(1, arg, torch.full(arg.shape, 1.0 / x.shape[2], dtype=x.dtype,
                                           device=x.device))
         return pooled, a * mask
+
+
+class DSMILPool(nn.Module):
+    """Dual-stream pooling (see the module docstring); ``out_dim = dim + 1``."""
+
+    def __init__(self, dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.c = nn.Linear(dim, 1)
+        self.Q = nn.Linear(dim, hidden)
+        self.out_dim = dim + 1
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        neg = torch.finfo(x.dtype).min
+        c = self.c(x).squeeze(-1).masked_fill(~mask, neg)  # (B, N) instance scores
+        c_max, m = c.max(dim=1)  # (B,), (B,): the critical instance
+        q = torch.tanh(self.Q(x))  # (B, N, H)
+        qm = q.gather(1, m.view(-1, 1, 1).expand(-1, 1, q.shape[2]))  # (B, 1, H)
+        s = (q * qm).sum(-1) / q.shape[2] ** 0.5  # (B, N)
+        a = masked_softmax(s, mask)
+        pooled = torch.bmm(a.unsqueeze(1), x).squeeze(1)  # (B, D)
+        c_max = torch.where(mask.any(dim=1), c_max, torch.zeros_like(c_max))
+        return torch.cat([pooled, c_max.unsqueeze(1)], dim=1), a
 
 
 def mean_pool(dim: int, hidden: int = 128) -> nn.Module:

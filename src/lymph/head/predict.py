@@ -122,7 +122,7 @@ def predict(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     if (store is None) == (data is None):
         raise LymphError("predict: expected exactly one of --store and --data")
     if select not in SELECTIONS:
-        raise LymphError(f"--select: expected one of {', '.join(SELECTIONS)}, got {select!r}")
+        raise LymphError(f"select: expected one of {', '.join(SELECTIONS)}, got {select!r}")
     saved = load_model(model_dir)
     out = Path(out)
     if data is not None:

@@ -57,6 +57,9 @@ register_pooling(PoolingSpec("gated", "lymph.head.pooling:GatedAttentionPool",
 register_pooling(PoolingSpec("mean", "lymph.head.pooling:mean_pool", "", compare_rank=1))
 register_pooling(PoolingSpec("max", "lymph.head.pooling:max_pool", "per-feature maximum",
                              compare_rank=2))
+# not in the comparison's default set (issue 17 compared it on its own: docs/results.md)
+register_pooling(PoolingSpec("dsmil", "lymph.head.pooling:DSMILPool",
+                             "dual stream: max-instance score + attention anchored on it"))
 
 
 def pooling_names() -> tuple[str, ...]:

@@ -8,7 +8,7 @@ model is scored on the inner validation patients (weighted BCE, one no-grad forw
 bucket); the weights of the best epoch are kept and training stops ``patience`` epochs
 after the last improvement.
 
-Threshold rule (:func:`choose_threshold`): the threshold maximising balanced accuracy on
+Threshold rule (:func:`choose_threshold`, used through :func:`choose_threshold_guarded`): the threshold maximising balanced accuracy on
 the inner-validation probabilities, over the midpoints between consecutive distinct
 probabilities; ties go to the candidate closest to 0.5 (the natural cut of a
 class-balanced loss). ``threshold=0.5`` (or any number) skips the choice.
@@ -189,3 +189,32 @@ def choose_threshold(y: np.ndarray, p: np.ndarray) -> float:
     bacc = 0.5 * (pred[:, y].mean(axis=1) + (~pred[:, ~y]).mean(axis=1))
     best = np.flatnonzero(bacc >= bacc.max() - 1e-12)
     return float(cand[best[np.argmin(np.abs(cand[best] - 0.5))]])
+
+
+def _bacc(y: np.ndarray, pred: np.ndarray) -> float:
+    return 0.5 * (pred[y].mean() + (~pred[~y]).mean())
+
+
+def choose_threshold_guarded(y: np.ndarray, p: np.ndarray, z: float = 2.0) -> float:
+    """The bag-count-aware threshold rule: 0.5 unless the tuned cut earns its place.
+
+    The head's loss is class-balanced, so 0.5 is its natural cut. The tuned cut
+    (:func:`choose_threshold`) is taken only when its balanced accuracy on these
+    probabilities exceeds that of 0.5 by more than ``z`` standard errors of a balanced
+    accuracy measured on this many patients, ``0.5 * sqrt(r1 (1 - r1) / n1 + r0 (1 - r0) / n0)``
+    (``r_c``: recall of class ``c`` at 0.5, floored at ``1 / n_c`` so that it never vanishes).
+    With a few dozen patients a tuned cut must gain about 0.1 to be used; with thousands, a
+    real shift of a point or two is.
+    """
+    yb = np.asarray(y).astype(bool)
+    p = np.asarray(p, dtype=np.float64)
+    if yb.all() or not yb.any():
+        return 0.5
+    t = choose_threshold(yb, p)
+    half = p >= 0.5
+    gain = _bacc(yb, p >= t) - _bacc(yb, half)
+    n1, n0 = int(yb.sum()), int((~yb).sum())
+    r1 = float(np.clip(half[yb].mean(), 1.0 / n1, 1.0 - 1.0 / n1)) if n1 > 1 else 0.5
+    r0 = float(np.clip((~half[~yb]).mean(), 1.0 / n0, 1.0 - 1.0 / n0)) if n0 > 1 else 0.5
+    se = 0.5 * np.sqrt(r1 * (1 - r1) / n1 + r0 * (1 - r0) / n0)
+    return t if gain > z * se else 0.5
