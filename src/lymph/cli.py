@@ -516,11 +516,15 @@ def compare_baselines(
     from lymph.report.triage import check_target
 
     check_target(target_sensitivity)
+    from lymph.compare_models import model_names  # torch-free
+
+    unknown = [n.strip() for n in (models or "").split(",") if n.strip() not in ("", *model_names())]
+    if unknown:  # before torch: the same message as lymph.compare.select_models
+        raise LymphError(f"--models: unknown model(s) {', '.join(unknown)}; expected names from "
+                         f"{', '.join(model_names())}")
     check_outputs({"--out": (out, "report"), "--json": (json_out, "json")}, [store, images])
     from lymph.compare import run_compare
     from lymph.console import progress_bar
-
-    from lymph.compare_models import model_names  # torch-free
 
     n_models = len(models.split(",")) if models else len(model_names())
     with progress_bar("compare-baselines", n_models * folds * repeats) as update:
