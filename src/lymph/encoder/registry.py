@@ -19,8 +19,9 @@ The builder module defines ``METHOD``, an object with
 - ``features(model, x) -> (B, D)``: ``x`` normalised, ``model`` the bare module in eval
   mode, under ``torch.no_grad``.
 
-A method without a network (``morphometry``: ``trainable`` false) has no builder: the
-embedding pass computes its store directly. ``A+B`` (e.g. ``contrastive+morphometry``)
+A method without a network (``morphometry``: ``trainable`` false) has no builder but a
+``writer`` of its store and the ``version`` of its features (``lymph embed``, the pipeline
+and ``predict --data`` call the writer; a model refuses features of another version). ``A+B`` (e.g. ``contrastive+morphometry``)
 combines methods that do not need labels (:mod:`lymph.encoder.combine`).
 
 Adding a method: one module under ``lymph/encoder/methods/`` defining ``METHOD``, and one
@@ -59,6 +60,11 @@ class MethodSpec:
     loss_name: str = MSE
     #: the smallest batch ``loss`` accepts; a shorter last batch joins the one before it
     min_batch: int = 1
+    #: without a network: ``"module:function"`` writing the store, ``(cache, out, progress=None)``
+    writer: str | None = None
+    #: ``"module:CONSTANT"``: the version of its features, recorded in the store's
+    #: provenance as ``<name>_version`` (a model refuses other versions' features)
+    version: str | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -106,6 +112,8 @@ register_method(MethodSpec(
     "morphometry", None, "no training", trainable=False,
     # the whole 224 px image at 112 px: its features were designed there (docs/morphometry.md)
     default_size=112, default_crop=None,
+    writer="lymph.encoder.methods.morphometry:write_morphometry_store",
+    version="lymph.encoder.methods.morphometry:MORPHOMETRY_VERSION",
 ))
 
 
@@ -163,6 +171,12 @@ def get_method(name: str, setting: str = "method") -> Any:
     if spec.module is None:
         raise LymphError(f"{setting}: {name} computes features without a network")
     return importlib.import_module(spec.module).METHOD
+
+
+def resolve(target: str) -> Any:
+    """``"module:attr"`` imported now."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def help_text() -> str:

@@ -24,7 +24,7 @@ from lymph.encoder.combine import (MORPHOMETRY, _check_morphometry_version, _con
                                    write_combined_checkpoint)
 from lymph.encoder.embed import (EmbedSummary, checkpoint_path, default_cache_path,
                                  embed_cache, loss_curve_path)
-from lymph.encoder.registry import check_method, is_combination, method_spec, parts_of
+from lymph.encoder.registry import check_method, is_combination, method_spec, parts_of, resolve
 from lymph.errors import LymphError
 
 
@@ -134,7 +134,7 @@ def _run_embed(env: D.DistEnv, *, out: Path, data: str | Path | None, images: st
         crop = crop if crop is not None else spec.default_crop
     c = _get_cache(env, out, data, images, cache, size, crop, progress, summary)
     if not spec.trainable:
-        summary.dim = _morphometry(c, out, env)
+        summary.dim = _untrained(spec, c, out, env)
         summary.store = out
         return summary
     if encoder is None and spec.needs_labels:
@@ -246,25 +246,28 @@ def _ingest_with_progress(data: str | Path, cache_path: Path, size: int, crop: i
         return ingest(data, cache_path, size=size, crop=crop, progress=step).cached
 
 
-def _morphometry(cache: ImageCache, out: Path, env: D.DistEnv) -> int:
-    """``--method morphometry``: hand-crafted features, no training (rank 0 only)."""
+def _untrained(spec: Any, cache: ImageCache, out: Path, env: D.DistEnv) -> int:
+    """A method without a network (``morphometry``): its writer measures every image
+    (rank 0 only); the store's dim."""
+    module = str(spec.writer).partition(":")[0]
     try:
-        from lymph.encoder.methods.morphometry import write_morphometry_store
+        write = resolve(str(spec.writer))
     except ModuleNotFoundError as e:
-        if e.name != "lymph.encoder.methods.morphometry":
+        if e.name != module:
             raise
         raise LymphError(
-            "method: morphometry is not available in this installation "
-            "(module lymph.encoder.methods.morphometry is missing); use method ae"
+            f"method: {spec.name} is not available in this installation "
+            f"(module {module} is missing); use method ae"
         ) from None
+
     def work() -> int:
         from lymph.store import open_store
 
-        write_morphometry_store(cache, out)
+        write(cache, out)
         return open_store(out).dim
 
     # rank 0 alone (however long a large cohort takes); the others wait without a timeout
-    return int(D.main_does(env, f"morphometry:{out}", work))
+    return int(D.main_does(env, f"{spec.name}:{out}", work))
 
 
 def run_combination(*, out: Path, data: str | Path | None, images: str | Path | None,

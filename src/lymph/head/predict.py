@@ -93,18 +93,21 @@ def embed_like_model(saved: SavedModel, data: Path, store_path: Path, work_dir: 
         embed_dataset(data, enc, store_path, work_dir=work_dir, device=device)
         caches = sorted(work_dir.glob("*.zarr"))
         return caches[0] if caches else None
-    if prov.get("method") == "morphometry":
-        from lymph.encoder.methods.morphometry import MORPHOMETRY_VERSION, write_morphometry_store
+    from lymph.encoder.registry import METHODS, resolve  # torch-free
 
-        version = str(prov.get("morphometry_version", MORPHOMETRY_VERSION))
-        if version != MORPHOMETRY_VERSION:
-            raise LymphError(
-                f"{saved.path}: the model was trained on morphometry version {version}, this "
-                f"lymph measures version {MORPHOMETRY_VERSION}; refit the model")
+    spec = METHODS.get(str(prov.get("method")))
+    if spec is not None and spec.writer is not None:  # no network (morphometry): measure again
+        if spec.version is not None:
+            current = str(resolve(spec.version))
+            version = str(prov.get(f"{spec.name}_version", current))
+            if version != current:
+                raise LymphError(
+                    f"{saved.path}: the model was trained on {spec.name} version {version}, "
+                    f"this lymph measures version {current}; refit the model")
         cache_path = work_dir / "images.zarr"
-        ingest(data, cache_path, size=int(prov.get("image_size", 112)),
+        ingest(data, cache_path, size=int(prov.get("image_size", spec.default_size)),
                crop=prov.get("image_crop"))
-        write_morphometry_store(open_cache(cache_path), store_path)
+        resolve(spec.writer)(open_cache(cache_path), store_path)
         return cache_path
     raise LymphError(f"{saved.path}: the model directory holds no encoder checkpoint and its "
                      f"store's method is {prov.get('method')!r}, so --data cannot be embedded "

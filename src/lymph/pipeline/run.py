@@ -217,13 +217,13 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
         spec = _method(e["method"])
         extra = {"folds": e["folds"]} if spec is not None and spec.needs_labels else {}
         out = folder / "store.h5"
-        if e["method"] == "morphometry":  # no training: measure every image, with progress
-            from lymph.data.cache import open_cache
-            from lymph.encoder.methods.morphometry import write_morphometry_store
+        if spec is not None and spec.writer is not None:  # no training (morphometry): measure
+            from lymph.data.cache import open_cache  # every image, with progress
+            from lymph.encoder.registry import resolve
 
             cache = open_cache(cache_path)
-            with _bar("embed (morphometry)", cache.n_images, progress) as step:
-                write_morphometry_store(cache, out, progress=step)
+            with _bar(f"embed ({spec.name})", cache.n_images, progress) as step:
+                resolve(spec.writer)(cache, out, progress=step)
             return {"store": out}
         s = run_embed(out=out, images=cache_path, method=e["method"], dim=e["dim"] or None,
                       epochs=e["epochs"] or None, batch_size=e["batch_size"] or None,
