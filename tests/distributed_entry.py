@@ -37,7 +37,7 @@ if os.environ.get("LYMPH_TEST_FAIL_RANK") == str(rank):
 if os.environ.get("LYMPH_TEST_SLOW_MAIN") and rank == 0:
     import time
 
-    from lymph.encoder import embed as E
+    from lymph.encoder import run as E
 
     real_ingest = E._ingest_with_progress
 

@@ -12,11 +12,14 @@ from typer.testing import CliRunner
 
 from conftest import make_bags
 from lymph.cli import app
-from lymph.compare import (CLINICAL, MODEL_NAMES, compare, default_models, paired,
-                           select_models)
+from lymph.compare import CLINICAL, compare, default_models, paired, select_models
 from lymph.errors import LymphError
 from lymph.head.evaluate import METRICS, make_folds
 from lymph.store import open_store, write_store
+
+MODEL_NAMES = ("adaboost", "logistic", "clinical-mlp", "mean+clinical", "max+clinical",
+               "attention+clinical", "gated+clinical", "attention-images-only",
+               "mixture-of-experts", "late-fusion", "bag-stats-forest")  # the report's order
 
 FAST = "adaboost,logistic,clinical-mlp,mean+clinical,mixture-of-experts,late-fusion"
 

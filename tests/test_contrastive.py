@@ -15,9 +15,9 @@ from lymph.cli import app
 from lymph.data.cache import open_cache
 from lymph.encoder import distributed as D
 from lymph.encoder.checkpoint import load_checkpoint
-from lymph.encoder.contrastive import ContrastiveConfig, ContrastiveNet, augment_views, nt_xent
-from lymph.encoder.embed import embed_dataset, run_embed
-from lymph.encoder.methods import get_method
+from lymph.encoder.methods.contrastive import ContrastiveConfig, ContrastiveNet, augment_views, nt_xent
+from lymph.encoder.run import embed_dataset, run_embed
+from lymph.encoder.registry import get_method
 from lymph.store import open_store
 
 runner = CliRunner()

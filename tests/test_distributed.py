@@ -12,11 +12,13 @@ import torch
 
 from lymph.data.cache import open_cache
 from lymph.encoder import distributed as D
+from lymph.encoder import feed as F
 from lymph.encoder import train as T
 from lymph.encoder.checkpoint import load_checkpoint
-from lymph.encoder.contrastive import nt_xent
 from lymph.encoder.embed import exact_fp32
-from lymph.encoder.weak import WeakConfig, image_targets
+from lymph.encoder.methods.contrastive import nt_xent
+from lymph.encoder.methods.weak import WeakConfig
+from lymph.encoder.weak_folds import image_targets
 from lymph.errors import LymphError
 
 
@@ -25,14 +27,14 @@ def test_any_world_takes_the_same_steps_on_the_same_images(keep_every: int) -> N
     n, chunk, bs = 1000, 64, 48
     keep = np.arange(n) % keep_every == 0
     for epoch in (0, 1):
-        plan = T.epoch_plan(n, chunk, bs, seed=5, epoch=epoch, keep=keep, buffer=3)
+        plan = F.epoch_plan(n, chunk, bs, seed=5, epoch=epoch, keep=keep, buffer=3)
         batches = [b for _, bb, _ in plan.groups for b in bb]
         assert plan.steps == len(batches) == -(-int(keep.sum()) // bs)
         seen = np.concatenate(batches)
         assert sorted(seen.tolist()) == np.flatnonzero(keep).tolist()  # each image once
         for world in (1, 2, 3, 4, 7):
             for b in batches:
-                shares = [T.batch_share(b, r, world) for r in range(world)]
+                shares = [F.batch_share(b, r, world) for r in range(world)]
                 real = [p for p, w in shares if w > 0]
                 np.testing.assert_array_equal(np.concatenate(real), b)  # the whole batch, once
                 assert all(len(p) >= 2 for p in real) or len(b) < 2
@@ -42,7 +44,7 @@ def test_any_world_takes_the_same_steps_on_the_same_images(keep_every: int) -> N
 
 def test_short_last_batch_is_split_among_fewer_ranks() -> None:
     b = np.arange(5)
-    shares = [T.batch_share(b, r, 4) for r in range(4)]
+    shares = [F.batch_share(b, r, 4) for r in range(4)]
     assert [len(p) for p, _ in shares[:2]] == [3, 2]
     assert [w for _, w in shares] == [pytest.approx(12 / 5), pytest.approx(8 / 5), 0.0, 0.0]
     assert all(len(p) == 2 for p, _ in shares[2:])  # stand-ins with weight 0
@@ -63,7 +65,7 @@ def test_share_weights_give_the_global_batch_gradient() -> None:
 
     full = grad(np.arange(11), 1.0)
     for world in (2, 3, 4, 8):
-        shares = [T.batch_share(np.arange(11), r, world) for r in range(world)]
+        shares = [F.batch_share(np.arange(11), r, world) for r in range(world)]
         ddp = sum(grad(p, w) for p, w in shares) / world
         torch.testing.assert_close(ddp, full)
 
@@ -76,13 +78,13 @@ def _pixels(n: int) -> np.ndarray:
 def test_feeder_from_ram_and_from_chunks_agree() -> None:
     n = 700
     px = _pixels(n)
-    plan = T.epoch_plan(n, 64, 40, seed=1, epoch=2, keep=np.arange(n) % 5 != 0, buffer=2)
+    plan = F.epoch_plan(n, 64, 40, seed=1, epoch=2, keep=np.arange(n) % 5 != 0, buffer=2)
     targets = np.arange(n, dtype=np.float32)[:, None]
     for world in (1, 3):
         for rank in range(world):
-            ram = list(T.ChunkFeeder(T._InRam(px), plan, rank=rank, world=world,
+            ram = list(F.ChunkFeeder(F._InRam(px), plan, rank=rank, world=world,
                                      threaded=False, targets=targets))
-            chunks = list(T.ChunkFeeder(lambda a, b: px[a:b].copy(), plan, rank=rank,
+            chunks = list(F.ChunkFeeder(lambda a, b: px[a:b].copy(), plan, rank=rank,
                                         world=world, threaded=True, targets=targets))
             assert len(ram) == len(chunks) == plan.steps
             for (x1, t1, w1), (x2, t2, w2) in zip(ram, chunks):
@@ -95,13 +97,13 @@ def test_in_ram_limit_is_shared_by_the_machine_s_processes(synth_cache: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     cache = open_cache(synth_cache)
     size = cache.n_images * 3 * cache.size * cache.size
-    monkeypatch.setattr(T, "CACHE_RAM_BYTES", int(size * 1.5))
-    assert hasattr(T.cache_reader(cache), "pixels")
-    assert not hasattr(T.cache_reader(cache, local_world=2), "pixels")  # 0.75x each: Zarr
+    monkeypatch.setattr(F, "CACHE_RAM_BYTES", int(size * 1.5))
+    assert hasattr(F.cache_reader(cache), "pixels")
+    assert not hasattr(F.cache_reader(cache, local_world=2), "pixels")  # 0.75x each: Zarr
 
 
 def test_torchrun_device_choices_are_checked() -> None:
-    with pytest.raises(LymphError, match=r"--device cuda:1 under torchrun.*--device cuda"):
+    with pytest.raises(LymphError, match=r"`device` cuda:1 under torchrun.*`device` cuda"):
         D.check_device("cuda:1", world=2, local_rank=0, local_world=2, n_gpus=4)
     with pytest.raises(LymphError, match="4 processes on this machine but it has 2 visible GPU"):
         D.check_device("cuda", world=8, local_rank=3, local_world=4, n_gpus=2)
@@ -214,18 +216,18 @@ def test_a_one_image_last_batch_joins_the_previous_one_for_contrastive(synth_cac
     # 1000 % 111 == 1 (chunks of 64, buffers of 2 or 16 chunks); 112 % 111 == 1 with the
     # last image alone in the last buffer (merged into the buffer before)
     for n, chunk, buffer in ((1000, 64, 2), (1000, 64, 16), (112, 111, 1)):
-        plan = T.epoch_plan(n, chunk, 111, seed=0, epoch=0, buffer=buffer, min_batch=2)
+        plan = F.epoch_plan(n, chunk, 111, seed=0, epoch=0, buffer=buffer, min_batch=2)
         batches = [b for _, bb, _ in plan.groups for b in bb]
         assert plan.steps == len(batches) == n // 111 and min(len(b) for b in batches) >= 2
         assert sorted(np.concatenate(batches).tolist()) == list(range(n))
         px = _pixels(n)
         for world in (1, 3):
-            ram = list(T.ChunkFeeder(T._InRam(px), plan, rank=world - 1, world=world, threaded=False))
-            chunks = list(T.ChunkFeeder(lambda a, b, px=px: px[a:b], plan, rank=world - 1, world=world,
+            ram = list(F.ChunkFeeder(F._InRam(px), plan, rank=world - 1, world=world, threaded=False))
+            chunks = list(F.ChunkFeeder(lambda a, b, px=px: px[a:b], plan, rank=world - 1, world=world,
                                         threaded=False))
             assert all(torch.equal(a[0], b[0]) for a, b in zip(ram, chunks))
-    assert T.epoch_plan(1000, 64, 111, seed=0, epoch=0).steps == 10  # other methods: unchanged
-    from lymph.encoder.contrastive import ContrastiveConfig
+    assert F.epoch_plan(1000, 64, 111, seed=0, epoch=0).steps == 10  # other methods: unchanged
+    from lymph.encoder.methods.contrastive import ContrastiveConfig
 
     cache = open_cache(synth_cache)
     bs = next(b for b in range(9, 40) if cache.n_images % b == 1)

@@ -65,7 +65,7 @@ def test_three_process_weak_scorers_take_the_single_process_steps(synth_cache: P
                                                                    tmp_path: Path) -> None:
     """The weak method trains on a subset of the images (its fold's patients): steps per
     epoch are still those of one process on that subset, and the store is fold-safe."""
-    from lymph.encoder.weak import check_fold_safety
+    from lymph.encoder.weak_checks import check_fold_safety
 
     rc, out, err = run(3, "--images", str(synth_cache), "--out", "weak.h5", "--method", "weak",
                        "--folds", "2", "--epochs", "1", "--batch-size", "16", "--device", "cpu",
@@ -157,7 +157,7 @@ def test_long_rank0_work_is_waited_for_without_a_collective_timeout(
     """Rank 0 ingests (late by 8 s) and computes morphometry alone, with collectives timing
     out after 3 s: the other rank waits through the store, and the store is the one a
     single process writes."""
-    from lymph.encoder.embed import run_embed
+    from lymph.encoder.run import run_embed
 
     rc, out, err = run(2, "--data", str(synth_data), "--out", "m.h5", "--method", "morphometry",
                        "--size", "32", "--device", "cpu", cwd=tmp_path,

@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from lymph.cli import app
 from lymph.data.cache import open_cache
-from lymph.encoder.embed import embed_cache, embed_dataset
+from lymph.encoder.embed import embed_cache
+from lymph.encoder.run import embed_dataset
 from lymph.store import open_store
 
 runner = CliRunner()

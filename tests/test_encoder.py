@@ -13,7 +13,8 @@ from lymph.encoder import distributed as D
 from lymph.encoder.augment import random_dihedral
 from lymph.encoder.checkpoint import load_checkpoint, save_checkpoint
 from lymph.encoder.model import AEConfig, ConvAutoencoder, forward_flops_per_image
-from lymph.encoder.train import ChunkFeeder, TrainConfig, epoch_plan, train
+from lymph.encoder.feed import ChunkFeeder, epoch_plan
+from lymph.encoder.train import TrainConfig, train
 from lymph.errors import LymphError
 
 FAST = dict(batch_size=16, lr=3e-3)
@@ -29,7 +30,7 @@ def test_model_shapes() -> None:
     assert small(torch.randn(5, 3, 32, 32)).shape == (5, 3, 32, 32)
     with pytest.raises(LymphError, match="divisible by 8"):
         ConvAutoencoder(AEConfig(size=100))
-    with pytest.raises(LymphError, match="--dim"):
+    with pytest.raises(LymphError, match="dim"):
         ConvAutoencoder(AEConfig(dim=0))
 
 
@@ -132,7 +133,7 @@ def test_resume_continues_from_last_epoch(synth_cache: Path, tmp_path: Path) -> 
     assert more.losses == full.losses
     wf, wp = load_checkpoint(full.checkpoint)["model"], load_checkpoint(more.checkpoint)["model"]
     assert all(torch.equal(wf[k], wp[k]) for k in wf)
-    with pytest.raises(LymphError, match="--resume.*lr"):
+    with pytest.raises(LymphError, match="resume.*lr"):
         train(cache, tmp_path / "part.pt", model_config=mc,
               config=TrainConfig(epochs=3, batch_size=16, lr=1e-4), device="cpu", resume=True,
               progress=False)

@@ -19,7 +19,7 @@ def morph(tmp_path_factory: pytest.TempPathFactory) -> dict:
     store, and an attention model trained on it."""
     from lymph.data.cache import ingest, open_cache
     from lymph.data.synth import SynthConfig, make_synthetic
-    from lymph.encoder.morphometry import write_morphometry_store
+    from lymph.encoder.methods.morphometry import write_morphometry_store
     from lymph.head.estimator import MILClassifier
     from lymph.head.modeldir import save_model
     from lymph.store import open_store

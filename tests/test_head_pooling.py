@@ -7,7 +7,10 @@ import pytest
 import torch
 
 from lymph.head.bags import Scaler, bucket_rows, make_buckets, pad
-from lymph.head.pooling import POOLINGS, make_pooling, masked_softmax
+from lymph.head.pooling import make_pooling, masked_softmax
+from lymph.head.registry import pooling_names
+
+POOLINGS = pooling_names()
 
 torch.set_num_threads(1)
 SIZES = [1, 2, 7, 1, 40, 1100]  # bags of 1 and one bag well over 1,000 instances

@@ -38,7 +38,7 @@ def console_errors(stderr: str) -> list[str]:
 @pytest.fixture(scope="module")
 def report(synth_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     from lymph.data.cache import open_cache
-    from lymph.encoder.morphometry import write_morphometry_store
+    from lymph.encoder.methods.morphometry import write_morphometry_store
     from lymph.store import open_store
 
     d = tmp_path_factory.mktemp("html")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lymph.encoder.layers import ConvTranspose2d, mse_loss, normalise_channels
+from lymph.encoder.fastcpu.layers import ConvTranspose2d, mse_loss, normalise_channels
 from lymph.encoder.model import AEConfig, ConvAutoencoder
 
 CL = torch.channels_last
@@ -154,7 +154,7 @@ def test_keep_freed_memory_stops_repeated_page_faults() -> None:
     # reuses the first one's pages
     code = textwrap.dedent("""
         import ctypes, resource, sys
-        from lymph.encoder.allocator import keep_freed_memory
+        from lymph.encoder.fastcpu.allocator import keep_freed_memory
         applied = keep_freed_memory() if sys.argv[1] == "tuned" else None
         libc = ctypes.CDLL("libc.so.6")
         libc.malloc.restype = ctypes.c_void_p
@@ -195,7 +195,7 @@ def _stack() -> nn.Sequential:
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_run_sequential_fuses_conv_relu_and_computes_the_same(amp: torch.dtype | None) -> None:
-    from lymph.encoder.layers import _fuses_relu, run_sequential
+    from lymph.encoder.fastcpu.layers import _fuses_relu, run_sequential
 
     ref, fast = _stack().to(memory_format=CL), _stack().to(memory_format=CL)
     x = torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)
@@ -215,7 +215,7 @@ def test_run_sequential_fuses_conv_relu_and_computes_the_same(amp: torch.dtype |
 
 
 def test_step_ablation_switches_each_fast_path_and_restores_them() -> None:
-    from lymph.encoder import layers
+    from lymph.encoder.fastcpu import layers
     from lymph.encoder.bench import bench_step_ablation
 
     before = dict(layers.FAST)
@@ -229,16 +229,16 @@ def test_step_ablation_switches_each_fast_path_and_restores_them() -> None:
 def test_lymph_fast_layers_0_switches_every_fast_path_off() -> None:
     import os
 
-    code = "from lymph.encoder.layers import FAST; print(sorted(FAST.items()))"
+    code = "from lymph.encoder.fastcpu.layers import FAST; print(sorted(FAST.items()))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "LYMPH_FAST_LAYERS": "0"}).stdout
-    from lymph.encoder.layers import FAST
+    from lymph.encoder.fastcpu.layers import FAST
 
     assert out.strip() == str(sorted(dict.fromkeys(FAST, False).items()))
 
 
 def test_run_sequential_leaves_dilated_layers_to_pytorch() -> None:
-    from lymph.encoder.layers import _fuses_relu, run_sequential
+    from lymph.encoder.fastcpu.layers import _fuses_relu, run_sequential
 
     torch.manual_seed(0)
     seq = nn.Sequential(nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, dilation=2),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lymph.data.synth import ATYPICAL_NUCLEUS, TYPICAL_NUCLEUS, draw_cell
-from lymph.encoder.morphometry import (MORPHOMETRY_COLUMNS, MORPHOMETRY_VERSION, cell_features,
+from lymph.encoder.methods.morphometry import (MORPHOMETRY_COLUMNS, MORPHOMETRY_VERSION, cell_features,
                                        write_morphometry_store)
 
 COL = {c: j for j, c in enumerate(MORPHOMETRY_COLUMNS)}
@@ -121,7 +121,7 @@ def test_writes_a_valid_store(synth_cache: Path, tmp_path: Path) -> None:
 def test_many_chunks_in_parallel_match_serial(synth_cache: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import lymph.data.cache as cache_mod
-    from lymph.encoder.morphometry import compute_morphometry
+    from lymph.encoder.methods.morphometry import compute_morphometry
 
     cache = cache_mod.open_cache(synth_cache)
     monkeypatch.setattr(cache_mod, "CHUNK", 16)  # several jobs, so the pool really runs

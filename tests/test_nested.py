@@ -45,7 +45,7 @@ def test_masked_cache_hides_only_the_given_patients(synth_cache: Path) -> None:
 def test_stage_one_never_sees_an_outer_test_label(synth_cache: Path, monkeypatch) -> None:
     from lymph.compare import CLINICAL, default_models, select_models
     from lymph.data.cache import open_cache
-    from lymph.encoder import weak
+    from lymph.encoder import weak_folds as weak
     from lymph.head.evaluate import make_folds
     from lymph.nested import nested_compare
     from lymph.store import open_store
@@ -100,7 +100,7 @@ def test_cli_nested_end_to_end(synth_cache: Path, tmp_path: Path) -> None:
     import json
 
     from lymph.data.cache import open_cache
-    from lymph.encoder.weak import run_weak
+    from lymph.encoder.weak_folds import run_weak
 
     store = tmp_path / "weak.h5"
     run_weak(open_cache(synth_cache), store, folds=2, seed=0, config=_tiny_config(), progress=False)

@@ -119,7 +119,7 @@ def test_predict_on_data_equals_predict_on_its_store(synth_data: Path, synth_cac
                                                      tmp_path: Path) -> None:
     """A model trained on an autoencoder store, moved away from its encoder's original path,
     predicts raw data (embedded with its own encoder copy) exactly as the store."""
-    from lymph.encoder.embed import run_embed
+    from lymph.encoder.run import run_embed
 
     run_embed(out=tmp_path / "ae.h5", images=synth_cache, epochs=1, batch_size=16, dim=8,
               device="cpu", progress=False)

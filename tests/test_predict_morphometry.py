@@ -16,7 +16,7 @@ from lymph.cli import app
 @pytest.fixture(scope="module")
 def morph_model(synth_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from lymph.data.cache import ingest, open_cache
-    from lymph.encoder.morphometry import write_morphometry_store
+    from lymph.encoder.methods.morphometry import write_morphometry_store
     from lymph.head.fit import fit_head
 
     d = tmp_path_factory.mktemp("morph")

@@ -17,7 +17,7 @@ from lymph.cli import app
 @pytest.fixture(scope="module")
 def morph_store(synth_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lymph.data.cache import open_cache
-    from lymph.encoder.morphometry import write_morphometry_store
+    from lymph.encoder.methods.morphometry import write_morphometry_store
 
     return write_morphometry_store(open_cache(synth_cache),
                                    tmp_path_factory.mktemp("rep") / "m.h5", workers=1)

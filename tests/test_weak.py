@@ -38,7 +38,7 @@ def one_thread():  # noqa: ANN201
 @pytest.fixture(scope="module")
 def weak_store(synth_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lymph.data.cache import open_cache
-    from lymph.encoder.weak import run_weak
+    from lymph.encoder.weak_folds import run_weak
 
     out = tmp_path_factory.mktemp("weak") / "weak.h5"
     run_weak(open_cache(synth_cache), out, folds=K, seed=0, config=_tiny_config(), progress=False)
@@ -61,7 +61,7 @@ def _rewrite(src: Path, dst: Path, **changes: object) -> Path:
 def test_store_is_valid_with_logit_column(weak_store: Path) -> None:
     from lymph.atomic import sha256_file
     from lymph.encoder.embed import checkpoint_path
-    from lymph.encoder.weak import fold_checkpoint_path
+    from lymph.encoder.weak_folds import fold_checkpoint_path
     from lymph.store import open_store
 
     s = open_store(weak_store)
@@ -86,7 +86,7 @@ def test_every_labelled_patient_scored_by_a_scorer_that_did_not_train_on_it(weak
     """Independent of check_fold_safety: each scorer checkpoint's own list of training
     patients never holds a labelled patient whose rows it produced."""
     from lymph.encoder.checkpoint import load_checkpoint
-    from lymph.encoder.weak import check_fold_safety
+    from lymph.encoder.weak_checks import check_fold_safety
     from lymph.store import open_store
 
     s = open_store(weak_store)
@@ -112,7 +112,7 @@ def test_rows_come_from_the_recorded_scorer(weak_store: Path, synth_cache: Path)
     from lymph.data.cache import open_cache
     from lymph.encoder import distributed as D
     from lymph.encoder.embed import compute_features, load_encoder
-    from lymph.encoder.methods import Preprocess
+    from lymph.encoder.preprocess import Preprocess
     from lymph.store import open_store
 
     s = open_store(weak_store)
@@ -133,7 +133,7 @@ def test_rows_come_from_the_recorded_scorer(weak_store: Path, synth_cache: Path)
 def test_planted_leaks_are_caught(weak_store: Path, tmp_path: Path) -> None:
     from lymph.encoder.checkpoint import load_checkpoint, save_checkpoint
     from lymph.atomic import sha256_file
-    from lymph.encoder.weak import check_fold_safety
+    from lymph.encoder.weak_checks import check_fold_safety
     from lymph.store import open_store
 
     s = open_store(weak_store)
@@ -187,7 +187,7 @@ def test_folds_from_store(weak_store: Path, bag_store: Path) -> None:
         assert sorted(np.concatenate([tr, te]).tolist()) == lab.tolist()
         assert (s.patient_scorer[te] == k).all()  # stage two's test fold k = scorer k's patients
     # stage one used make_folds(labels, K, 1, seed): the same split
-    for (_, _, tr, te), (_, _, tr2, te2) in zip(folds, make_folds(s.labels, K, 1, 0)):
+    for (_, _, _tr, te), (_, _, _tr2, te2) in zip(folds, make_folds(s.labels, K, 1, 0)):
         assert np.array_equal(np.sort(te), np.sort(te2))
     with pytest.raises(LymphError, match="records no stage-one folds"):
         folds_from_store(open_store(bag_store))
@@ -237,7 +237,7 @@ def test_predict_on_data_equals_predict_on_store(weak_store: Path, synth_data: P
 def test_deterministic_and_resume(synth_cache: Path, weak_store: Path, tmp_path: Path) -> None:
     """Same seed, same store bytes (CPU); a rerun with --resume reuses the scorers."""
     from lymph.data.cache import open_cache
-    from lymph.encoder.weak import run_weak
+    from lymph.encoder.weak_folds import run_weak
     from lymph.store import open_store
 
     out = tmp_path / "again.h5"
@@ -252,12 +252,12 @@ def test_deterministic_and_resume(synth_cache: Path, weak_store: Path, tmp_path:
 
 
 def test_embed_options(synth_cache: Path, tmp_path: Path) -> None:
-    from lymph.encoder.embed import run_embed
-    from lymph.encoder.methods import get_method
+    from lymph.encoder.registry import method_spec
+    from lymph.encoder.run import run_embed
 
-    m = get_method("weak")
+    m = method_spec("weak")
     assert (m.default_size, m.default_crop) == (64, 112)
-    with pytest.raises(LymphError, match="--folds: only for methods trained from labels"):
+    with pytest.raises(LymphError, match="folds: only for methods trained from labels"):
         run_embed(out=tmp_path / "x.h5", images=synth_cache, method="ae", folds=3)
     with pytest.raises(LymphError, match="50-fold stratified CV needs at least 50"):
         run_embed(out=tmp_path / "x.h5", images=synth_cache, method="weak", folds=50,

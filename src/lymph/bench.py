@@ -89,7 +89,7 @@ def run_bench(data: str | Path | None = None, *, device: str = "auto", quick: bo
 
 def _quick_store(cache: Any, out: Path) -> Path:
     """A store for the fit-head figure: a 1-epoch autoencoder is enough to time the head."""
-    from lymph.encoder.embed import run_embed
+    from lymph.encoder.run import run_embed
 
     run_embed(out=out, images=cache.path, method="ae", dim=60, epochs=1, progress=False)
     return out

@@ -7,10 +7,8 @@ setting (``crop``, ``head.folds``), the CLI names its flag (``--crop``).
 
 from __future__ import annotations
 
-import ast
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 from lymph.errors import LymphError
@@ -88,72 +86,3 @@ def check_threshold(name: str, value: Any) -> str | float:
     if not (math.isfinite(t) and 0.0 < t < 1.0):
         raise LymphError(f"{name}: expected 'inner' or a number in (0, 1), got {_fmt(value)}")
     return t
-
-
-def module_constant(module: str, name: str) -> Any:
-    """A literal constant of a lymph module, read from its source without importing it
-    (so the CLI can check a name against a registry before torch is imported). None when
-    it cannot be read that way."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(module)
-        if spec is None or spec.origin is None:
-            return None
-        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-    except (ImportError, OSError, SyntaxError, ValueError):
-        return None
-    for node in tree.body:
-        targets = (node.targets if isinstance(node, ast.Assign)
-                   else [node.target] if isinstance(node, ast.AnnAssign) else [])
-        for t in targets:
-            if isinstance(t, ast.Name) and t.id == name and node.value is not None:
-                try:
-                    return ast.literal_eval(node.value)
-                except ValueError:
-                    return None
-    return None
-
-
-def _module_tree(module: str) -> ast.Module | None:
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec(module)
-        if spec is None or spec.origin is None:
-            return None
-        return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-    except (ImportError, OSError, SyntaxError, ValueError):
-        return None
-
-
-def registered_names(module: str, modules_constant: str) -> list[str] | None:
-    """Names registered with ``register(SomeClass())`` at module level of ``module`` and of
-    the modules its literal ``modules_constant`` lists, each class's ``name`` attribute
-    read from the source (torch is never imported). None when the sources cannot be read
-    that way (the library's own check then answers)."""
-    extra = module_constant(module, modules_constant)
-    names: list[str] = []
-    for mod in [module, *(extra if isinstance(extra, (tuple, list)) else [])]:
-        tree = _module_tree(str(mod))
-        if tree is None:
-            return None
-        classes: dict[str, str] = {}
-        for node in tree.body:
-            if isinstance(node, ast.ClassDef):
-                for item in node.body:
-                    target = (item.target if isinstance(item, ast.AnnAssign) else
-                              item.targets[0] if isinstance(item, ast.Assign) else None)
-                    if isinstance(target, ast.Name) and target.id == "name" and isinstance(
-                            getattr(item, "value", None), ast.Constant):
-                        classes[node.name] = str(item.value.value)  # type: ignore[union-attr]
-        for call in ast.walk(tree):  # register(X()) anywhere, also inside functions
-            if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
-                    and call.func.id == "register"):
-                continue
-            arg = call.args[0] if call.args else None
-            if not (isinstance(arg, ast.Call) and isinstance(arg.func, ast.Name)
-                    and arg.func.id in classes):
-                return None  # registered some other way: no early check
-            names.append(classes[arg.func.id])
-    return names or None

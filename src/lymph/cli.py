@@ -41,7 +41,7 @@ def handles_errors(fn: F) -> F:
                 return fn(*args, **kwargs)
         except LymphError as e:
             if not getattr(e, "quiet", False):  # quiet: another torchrun rank says why
-                typer.echo(f"error: {e}", err=True)
+                typer.echo(f"error: {flag_names(str(e), fn)}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (lymph.signals.Terminated)
             typer.echo("interrupted", err=True)
@@ -64,6 +64,28 @@ def handles_errors(fn: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+#: library settings whose flag has another name
+SETTING_FLAGS = {"n_jobs": "jobs", "n_threads": "threads", "max_epochs": "epochs"}
+
+
+def flag_names(message: str, fn: Callable[..., Any]) -> str:
+    """A library message with the command's flags for the settings it names: a leading
+    ``name:`` and every ```name``` that is a parameter of the command ``fn`` become
+    ``--name``. (The library names settings, as a pipeline file or a Python caller knows
+    them; only here are they flags.)"""
+    import inspect
+    import re
+
+    params = set(inspect.signature(fn).parameters)
+
+    def flag(m: re.Match[str]) -> str:
+        name = SETTING_FLAGS.get(m.group(1), m.group(1))
+        return "--" + name.replace("_", "-") if name in params else m.group(0)
+
+    message = re.sub(r"^([a-z_]+)(?=:)", flag, message)
+    return re.sub(r"`([a-z_]+)`", flag, message)
 
 
 def describe_os_error(e: OSError) -> str:
@@ -107,15 +129,6 @@ def check_options(**checks: tuple[Any, ...]) -> None:
             check_float(name, value, 0.0, 1.0, hi_open=True)
         else:
             check_float(name, value, *b)
-
-
-def check_registry_name(flag: str, value: str, module: str, constant: str) -> None:
-    """``value`` must be in a registry's literal tuple (read without importing torch)."""
-    from lymph.checks import check_choice, module_constant
-
-    names = module_constant(module, constant)
-    if isinstance(names, (tuple, list)) and names:
-        check_choice(flag, value, tuple(str(n) for n in names))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -187,13 +200,30 @@ def ingest(
 
 
 # ---- lymph embed (stage one) -----------------------------------------------------------------
+def method_help() -> str:
+    from lymph.encoder.registry import help_text  # torch-free
+
+    return help_text()
+
+
+def registry_help(what: str) -> str:
+    """Option help from the stage-two registries (torch-free)."""
+    if what == "pooling":
+        from lymph.head.registry import pooling_help
+
+        return pooling_help()
+    from lymph.compare_models import model_names
+
+    return f"Comma-separated subset of {', '.join(model_names())} (default: all)."
+
+
 @app.command()
 @handles_errors
 def embed(
     out: Annotated[Path, typer.Option("--out", help="Embedding store to write (STORE.h5).")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Challenge data to ingest first (reuses a valid cache).")] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Image cache made by `lymph ingest` (CACHE.zarr).")] = None,
-    method: Annotated[str, typer.Option(help="ae (train the autoencoder), morphometry (no training), contrastive (SimCLR, 64 px of a 160 px centre crop), weak (cell scorer trained from patient labels, fold-safe; see --folds), or A+morphometry (e.g. contrastive+morphometry: both feature blocks in one store).")] = "ae",
+    method: Annotated[str, typer.Option(help=method_help())] = "ae",
     dim: Annotated[Optional[int], typer.Option(help="Embedding size (default: the method's; ae 60 as in the report, contrastive 128).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs (default 20; contrastive 15).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size (default 128; contrastive 256); under torchrun the global batch, split among the processes.")] = None,
@@ -213,13 +243,12 @@ def embed(
     check_options(dim=(dim, "int", 1), epochs=(epochs, "int", 1),
                   batch_size=(batch_size, "int", 1), lr=(lr, "pos"), seed=(seed, "int", 0, 2**31 - 1),
                   size=(size, "int", 8, 1024), crop=(crop, "int", 1), folds=(folds, "int", 2))
-    from lymph.checks import check_choice, check_device, registered_names
+    from lymph.checks import check_device
+    from lymph.encoder.registry import check_method
 
     check_device("--device", device)
-    known = registered_names("lymph.encoder.methods", "_BUILTIN_MODULES")
-    if known and encoder is None:  # 'A+B' combines registered methods and morphometry
-        for part in method.split("+"):
-            check_choice("--method", part.strip(), (*known, "morphometry"))
+    if encoder is None:  # with --encoder the checkpoint's method is used
+        check_method(method, "--method")
     if out.suffix.lower() in (".h5", ".hdf5"):
         stem = out.with_name(out.stem)
         outs: dict[str, tuple[Any, str]] = {"--out": (out, "store")}
@@ -229,7 +258,7 @@ def embed(
         if data is not None:
             outs["--cache"] = (cache or Path(f"{stem}.images-{size or 112}px.zarr"), "cache")
         check_outputs(outs, [data, images, encoder])
-    from lymph.encoder.embed import run_embed
+    from lymph.encoder.run import run_embed
 
     s = run_embed(out=out, data=data, images=images, method=method, dim=dim, epochs=epochs,
                   batch_size=batch_size, lr=lr, seed=seed, device=device, encoder=encoder,
@@ -323,7 +352,7 @@ def store_info(
 @handles_errors
 def fit_head(
     store: Annotated[Path, typer.Option("--store", help="Embedding store (STORE.h5).")],
-    pooling: Annotated[str, typer.Option(help="attention, gated, mean, max or dsmil (dual stream: max-instance score + attention anchored on it).")] = "attention",
+    pooling: Annotated[str, typer.Option(help=registry_help("pooling"))] = "attention",
     folds: Annotated[int, typer.Option(help="Stratified patient-level folds.")] = 5,
     repeats: Annotated[int, typer.Option(help="Repeats of the k-fold CV (seed + r each).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of folds, inner splits, weights, batches.")] = 0,
@@ -354,10 +383,11 @@ def fit_head(
                   batch_size=(batch_size, "int", 1), attention_hidden=(attention_hidden, "int", 1),
                   threads=(threads, "int", 1), jobs=(jobs, "int", 1))
     from lymph.checks import check_choice, check_threshold
+    from lymph.head.registry import check_pooling, fusion_names  # torch-free
 
     check_threshold("--threshold", threshold)
-    check_choice("--fusion", fusion, ("concat", "late"))
-    check_registry_name("--pooling", pooling, "lymph.head.pooling", "POOLINGS")
+    check_choice("--fusion", fusion, fusion_names())
+    check_pooling(pooling, "--pooling")
     base = json_out.with_name(json_out.stem) if json_out is not None else None
     check_outputs({"--out": (out, "model"), "--json": (json_out, "json"),
                    "--oof": (oof or (Path(f"{base}.oof.csv") if base else None), "oof"),
@@ -476,7 +506,7 @@ def compare_baselines(
     seed: Annotated[int, typer.Option(help="Seed of the folds and of every model.")] = 0,
     out: Annotated[Optional[Path], typer.Option("--out", help="Report folder: report.md, ROC/PR PNGs, montages, oof.csv, comparison.json.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="JSON list of rows (model + the keys of fit-head --json).")] = None,
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated subset, e.g. adaboost,attention+clinical,late-fusion (default: all).")] = None,
+    models: Annotated[Optional[str], typer.Option(help=registry_help("models"))] = None,
     images: Annotated[Optional[Path], typer.Option("--images", help="Image cache for the montages (default: the image files named in the store).")] = None,
     montages: Annotated[bool, typer.Option(help="Montages of the misclassified patients in the report.")] = True,
     folds_from_store: Annotated[bool, typer.Option("--folds-from-store", help="Use stage one's folds recorded in a weak store (one repeat; --folds/--repeats ignored), to measure stacking optimism.")] = False,
@@ -514,13 +544,17 @@ def compare_baselines(
     from lymph.report.triage import check_target
 
     check_target(target_sensitivity)
+    from lymph.compare_models import model_names  # torch-free
+
+    unknown = [n.strip() for n in (models or "").split(",") if n.strip() not in ("", *model_names())]
+    if unknown:  # before torch: the same message as lymph.compare.select_models
+        raise LymphError(f"--models: unknown model(s) {', '.join(unknown)}; expected names from "
+                         f"{', '.join(model_names())}")
     check_outputs({"--out": (out, "report"), "--json": (json_out, "json")}, [store, images])
     from lymph.compare import run_compare
     from lymph.console import progress_bar
 
-    from lymph.compare import MODEL_NAMES
-
-    n_models = len(models.split(",")) if models else len(MODEL_NAMES)
+    n_models = len(models.split(",")) if models else len(model_names())
     with progress_bar("compare-baselines", n_models * folds * repeats) as update:
         res, outputs = run_compare(store, folds=folds, repeats=repeats, seed=seed, out=out,
                                    json_path=json_out, models=models, images=images,

@@ -11,7 +11,7 @@ images and clinical data and the best clinical-only model (each by mean balanced
 the per-fold differences of balanced accuracy and ROC AUC, their mean and standard
 deviation, and the folds won / tied / lost.
 
-MIL training settings of the comparison (:data:`FAST_MIL`): at most 40 epochs, patience 8,
+MIL training settings of the comparison (:data:`FAST_MIL`): at most 30 epochs, patience 5,
 64 patients per step (the ``fit-head`` defaults are 100 / 15 / 32). Measured on the dev
 morphometry store this keeps 5-fold x 1 of all ten models under 15 s on 2 cores with
 balanced accuracy within the fold-to-fold noise of the defaults (docs/benchmarks.md).
@@ -29,11 +29,16 @@ import numpy as np
 from lymph.errors import LymphError
 from lymph.head.evaluate import METRICS, CVResult, Fold, cross_validate, make_folds, summarise
 
-#: Training settings of the MIL models in the comparison (speed; see the module docstring).
-FAST_MIL: dict[str, Any] = {"max_epochs": 30, "patience": 5, "batch_size": 64}
-
-#: Model kinds, by what they read.
-CLINICAL, IMAGES_CLINICAL, IMAGES = "clinical", "images+clinical", "images"
+# the model registry (torch-free): kinds, the MIL settings (FAST_MIL: speed; see the module
+# docstring), every model's entry
+from lymph.compare_models import (  # noqa: F401 (CLINICAL..IMAGES: this module's API too)
+    CLINICAL,
+    FAST_MIL,
+    IMAGES,
+    IMAGES_CLINICAL,
+    model_entries,
+    model_names,
+)
 
 
 @dataclass
@@ -130,71 +135,23 @@ def _params(est: Any) -> dict[str, Any]:
 
 
 # ---- the default model set ---------------------------------------------------------------------
-MODEL_NAMES = ("adaboost", "logistic", "clinical-mlp", "mean+clinical", "max+clinical",
-               "attention+clinical", "gated+clinical", "attention-images-only",
-               "mixture-of-experts", "late-fusion", "bag-stats-forest", "composition+clinical")
-
-#: Opt-in models (``--models`` only; issue 18's composition variants: 4 or 16 prototypes,
-#: composition without clinical features).
-#: Also opt-in: one late-fusion score per feature block of a concatenated store, and the
-#: same with the 8-prototype composition features in the one regression.
-OPTIONAL_NAMES = ("composition4+clinical", "composition16+clinical", "composition-images-only",
-                  "multi-score+clinical", "late-fusion+composition")
-
-
 def default_models(store: Any, seed: int = 0,
                    optional: bool = False) -> tuple[dict[str, ModelSpec], list[str]]:
-    """The comparison's models in report order, and notes on those skipped.
+    """The comparison's models in report order (:mod:`lymph.compare_models`), and notes on
+    those skipped.
 
     Clinical-only: AdaBoost, logistic regression, the clinical MLP; images + clinical: the
-    MIL head with mean, max, attention and gated attention pooling; images only: attention;
-    the mixture of experts; late fusion; cell composition + clinical (``optional``: also
-    the opt-in :data:`OPTIONAL_NAMES`). On a store without clinical columns the models
-    that need clinical data are skipped (with a note).
+    MIL head with every comparison pooling (mean, max, attention, gated attention); images
+    only: attention; the mixture of experts; late fusion; the bag-statistics forest; cell
+    composition + clinical (``optional``: also the opt-in models, ``--models`` only). On a
+    store without clinical columns the models that need clinical data are skipped (with a
+    note).
     """
-    from lymph.baselines import AdaBoostClinical, LateFusion, LogisticClinical, MixtureOfExperts
-    from lymph.head.estimator import MILClassifier
-
-    fast = dict(FAST_MIL, seed=seed)
+    clinical = bool(list(store.clinical_columns))
     specs: dict[str, ModelSpec] = {
-        "adaboost": ModelSpec(lambda: AdaBoostClinical(seed=seed, inner_folds=2), CLINICAL, None,
-                              "AdaBoost on clinical features (the report's baseline)"),
-        "logistic": ModelSpec(lambda: LogisticClinical(seed=seed), CLINICAL, None,
-                              "logistic regression on clinical features"),
-        "clinical-mlp": ModelSpec(lambda: MILClassifier(images=False, **fast), CLINICAL, None,
-                                  "MLP on clinical features"),
-    }
-    for pool in ("mean", "max", "attention", "gated"):
-        specs[f"{pool}+clinical"] = ModelSpec(
-            (lambda p: lambda: MILClassifier(pooling=p, **fast))(pool), IMAGES_CLINICAL, pool,
-            f"MIL head, {pool} pooling, with clinical features")
-    specs["attention-images-only"] = ModelSpec(
-        lambda: MILClassifier(pooling="attention", clinical=False, **fast), IMAGES, "attention",
-        "MIL head, attention pooling, images only")
-    specs["mixture-of-experts"] = ModelSpec(
-        lambda: MixtureOfExperts(seed=seed, max_epochs=FAST_MIL["max_epochs"],
-                                 patience=FAST_MIL["patience"],
-                                 batch_size=FAST_MIL["batch_size"]),
-        IMAGES_CLINICAL, "attention", "mixture of an image and a clinical expert")
-    specs["late-fusion"] = ModelSpec(lambda: LateFusion(seed=seed), IMAGES_CLINICAL, None,
-                                     "late fusion: pooled image score + clinical, logistic")
-    from lymph.baselines.bag_stats import BagStatsForest  # issue 17: does attention earn its place?
-
-    specs["bag-stats-forest"] = ModelSpec(
-        lambda: BagStatsForest(seed=seed), IMAGES_CLINICAL if list(store.clinical_columns) else IMAGES,
-        None, "random forest (500 trees) on per-bag [mean, max, min] (+ clinical columns)")
-    from lymph.baselines.composition import composition_specs
-    from lymph.baselines.multiscore import MultiScoreFusion
-
-    specs.update({n: sp for n, sp in composition_specs(ModelSpec, seed).items()
-                  if optional or n not in OPTIONAL_NAMES})
-    if optional:
-        specs["multi-score+clinical"] = ModelSpec(
-            lambda: MultiScoreFusion(seed=seed), IMAGES_CLINICAL, None,
-            "late fusion with one pooled score per feature block of a concatenated store")
-        specs["late-fusion+composition"] = ModelSpec(
-            lambda: MultiScoreFusion(n_prototypes=8, seed=seed), IMAGES_CLINICAL, None,
-            "late fusion (one score per feature block) + 8-prototype cell composition")
+        e.name: ModelSpec(e.make(seed), IMAGES if e.clinical_optional and not clinical else e.inputs,
+                          e.pooling, e.description)
+        for e in model_entries(optional=optional)}
     notes: list[str] = []
     if not list(store.clinical_columns):
         skipped = [n for n, s in specs.items() if s.inputs != IMAGES]
@@ -206,18 +163,19 @@ def default_models(store: Any, seed: int = 0,
 def select_models(specs: dict[str, ModelSpec], names: str | list[str] | None) -> dict[str, ModelSpec]:
     """The models named in ``names`` (comma-separated or a list), in the given order."""
     if names is None:
-        return {n: s for n, s in specs.items() if n not in OPTIONAL_NAMES}
+        return {n: s for n, s in specs.items() if n in model_names()}
     wanted = [n.strip() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()]
-    unknown = [n for n in wanted if n not in MODEL_NAMES + OPTIONAL_NAMES]
+    known = model_names(optional=True)
+    unknown = [n for n in wanted if n not in known]
     if unknown:
-        raise LymphError(f"--models: unknown model(s) {', '.join(unknown)}; expected names from "
-                         f"{', '.join(MODEL_NAMES + OPTIONAL_NAMES)}")
+        raise LymphError(f"models: unknown model(s) {', '.join(unknown)}; expected names from "
+                         f"{', '.join(known)}")
     missing = [n for n in wanted if n not in specs]
     if missing:
-        raise LymphError(f"--models: {', '.join(missing)} cannot run on this store (no clinical "
+        raise LymphError(f"models: {', '.join(missing)} cannot run on this store (no clinical "
                          "columns)")
     if not wanted:
-        raise LymphError("--models: expected at least one model name (empty selection)")
+        raise LymphError("models: expected at least one model name (empty selection)")
     return {n: specs[n] for n in wanted}
 
 
@@ -394,7 +352,7 @@ def run_compare(store: Any, *, folds: int = 5, repeats: int = 1, seed: int = 0,
     specs, notes = default_models(s, seed=seed, optional=True)
     specs = select_models(specs, models)
     if chosen is not None and chosen not in specs:
-        raise LymphError(f"--chosen: {chosen!r} is not among the models of this comparison "
+        raise LymphError(f"chosen: {chosen!r} is not among the models of this comparison "
                          f"({', '.join(specs)})")
     from lymph.insample import check_in_sample
 

@@ -2,7 +2,7 @@
 
 A label-trained stage one (``--method weak``) writes a fold-safe store with ``--folds K``:
 every labelled patient's rows come from a scorer that did not train on it (provenance
-``weak_folds``, ``/patients/scorer``; :func:`lymph.encoder.weak.check_fold_safety`). The same
+``weak_folds``, ``/patients/scorer``; :func:`lymph.encoder.weak_checks.check_fold_safety`). The same
 method used through ``lymph embed --encoder CKPT`` or ``lymph predict --data`` scores every
 patient with one scorer (``-1``), which trained on all labelled patients: cross-validating
 stage two on such a store measures how well the scorer remembers its training labels.
@@ -64,7 +64,7 @@ def in_sample_reason(store: Any) -> str | None:
         if store.patient_scorer is None:
             return (f"{where}: the {method!r} features record fold-safe folds but "
                     "/patients/scorer is missing")
-        from lymph.encoder.weak import check_fold_safety
+        from lymph.encoder.weak_checks import check_fold_safety
 
         try:
             check_fold_safety(replace(store, provenance=comp), checkpoints=False)

@@ -10,7 +10,7 @@ same folds ``compare-baselines`` makes on the same labels and seed),
 
 1. the test patients' labels are hidden (an image cache view whose test patients are
    unlabelled, :func:`masked_cache`);
-2. stage one runs on that view (:func:`lymph.encoder.weak.run_weak`, ``inner_folds`` inner
+2. stage one runs on that view (:func:`lymph.encoder.weak_folds.run_weak`, ``inner_folds`` inner
    folds): the training patients get out-of-fold scores from inner scorers, the test
    patients are scored by the inner "final" scorer, trained on the training patients only;
 3. every stage-two model is fitted on the training patients of that store and scores the
@@ -55,7 +55,7 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
     scorer) retrained inside every outer fold; returns a
     :class:`lymph.compare.ComparisonResult` (notes say it is nested, and its cost)."""
     from lymph.compare import ComparisonResult, ModelResult, _params, paired_comparisons
-    from lymph.encoder.weak import run_weak
+    from lymph.encoder.weak_folds import run_weak
     from lymph.head.evaluate import CVResult, FoldResult, make_folds, metrics, summarise
     from lymph.store import open_store
 
@@ -133,7 +133,7 @@ def run_nested(store: str | Path, images: str | Path, *, folds: int = 5, repeats
     from lymph.compare import default_models, select_models
     from lymph.data.cache import open_cache
     from lymph.encoder.train import TrainConfig
-    from lymph.encoder.weak import WeakConfig
+    from lymph.encoder.methods.weak import WeakConfig
     from lymph.insample import is_label_trained
     from lymph.store import open_store
 

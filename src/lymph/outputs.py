@@ -285,7 +285,7 @@ def check_outputs(outputs: dict[str, tuple[str | os.PathLike[str] | None, str]],
     :func:`check_output`, and that no two share a path."""
     inputs = list(inputs)
     seen: dict[Path, str] = {}
-    for name, (path, kind) in outputs.items():
+    for name, (path, _kind) in outputs.items():
         if path is None:
             continue
         r = _resolved(Path(path))

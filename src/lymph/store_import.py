@@ -334,7 +334,7 @@ def import_store(sources: list[str | os.PathLike[str]], out: str | os.PathLike[s
         raise LymphError(f"{srcs[0]}: no such file (expected an instance table)")
     clinical = list(clinical or [])
     if clinical and labels is None:
-        raise LymphError("--clinical: clinical columns are read from the labels CSV; give "
+        raise LymphError("clinical: clinical columns are read from the labels CSV; give "
                          "--labels")
     if block_rows < 1:
         raise LymphError(f"block_rows: expected at least 1, got {block_rows}")

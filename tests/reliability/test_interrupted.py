@@ -137,7 +137,7 @@ def _embed_child(cache: Path, out: Path, epochs: int, *, step_pause: float,
     return (
         "import time\n"
         "import lymph.encoder.train as t\n"
-        "from lymph.encoder.methods import AutoencoderMethod as A\n"
+        "from lymph.encoder.methods.ae import AutoencoderMethod as A\n"
         "loss, feats, save = A.loss, A.features, t.save_checkpoint\n"
         f"def slow_loss(self, *a):\n    time.sleep({step_pause}); return loss(self, *a)\n"
         "def slow_features(self, *a):\n"

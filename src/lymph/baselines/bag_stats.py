@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from lymph.baselines.common import _check_threshold, _inner_folds, _oof, _proba, blas_threads
 from lymph.errors import LymphError
 from lymph.head.bags import check_bags
-from lymph.head.estimator import clinical_matrix, labelled_rows
+from lymph.head.base import clinical_matrix, labelled_rows
 from lymph.head.train import choose_threshold_guarded
 
 

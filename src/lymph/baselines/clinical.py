@@ -17,7 +17,7 @@ from lymph.baselines.common import (
     blas_threads,
 )
 from lymph.errors import LymphError
-from lymph.head.estimator import clinical_matrix, labelled_rows
+from lymph.head.base import clinical_matrix, labelled_rows
 
 
 # ---- clinical-only ---------------------------------------------------------------------------

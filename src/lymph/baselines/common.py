@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from lymph.errors import LymphError
-from lymph.head.estimator import _where
+from lymph.head.base import check_threshold as _check_threshold  # noqa: F401 (one rule for all)
+from lymph.head.base import where as _where
 from lymph.head.train import choose_threshold
 
 
@@ -61,11 +62,6 @@ def _threshold(param: str | float, y: np.ndarray, p_oof: np.ndarray | None) -> f
     if p_oof is None or not np.isfinite(p_oof).all():
         return 0.5
     return choose_threshold(y, p_oof)
-
-
-def _check_threshold(t: Any) -> None:
-    if not (t == "inner" or (isinstance(t, (int, float)) and 0.0 < float(t) < 1.0)):
-        raise LymphError(f"threshold: expected 'inner' or a number in (0, 1), got {t!r}")
 
 
 def _proba(p: np.ndarray) -> np.ndarray:

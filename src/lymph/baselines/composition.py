@@ -181,18 +181,3 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
         """The regression's coefficients by feature name (standardised inputs)."""
         names = list(self.clinical_columns_) + [f"proto{k}" for k in range(len(self.centres_))]
         return dict(zip(names, (float(v) for v in self.coef_)))
-
-
-def composition_specs(spec_cls: Any, seed: int = 0) -> dict[str, Any]:
-    """The comparison's composition models (``lymph.compare.ModelSpec`` = ``spec_cls``):
-    ``composition+clinical`` (8 prototypes, in the default set) and the opt-in variants."""
-    out = {}
-    for name, k, clin in (("composition+clinical", 8, True), ("composition4+clinical", 4, True),
-                          ("composition16+clinical", 16, True),
-                          ("composition-images-only", 8, False)):
-        out[name] = spec_cls(
-            (lambda k=k, c=clin: CompositionFusion(n_prototypes=k, clinical=c, seed=seed)),
-            "images+clinical" if clin else "images", None,
-            f"cell composition: log proportions of {k} k-means prototypes"
-            + (" + clinical, logistic" if clin else ", logistic (no clinical)"))
-    return out

@@ -20,7 +20,8 @@ from lymph.baselines.common import (
 )
 from lymph.errors import LymphError
 from lymph.head.bags import Scaler, check_bags, instances_of
-from lymph.head.estimator import _where, clinical_matrix, labelled_rows
+from lymph.head.base import clinical_matrix, labelled_rows
+from lymph.head.base import where as _where
 
 LOGIT_COLUMNS = ("logit", "weak:logit")
 

@@ -6,15 +6,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
-from lymph.baselines.common import _check_threshold, _need_clinical, _proba
+from lymph.baselines.common import _need_clinical, _proba
 from lymph.errors import LymphError
-from lymph.head.bags import Scaler, check_bags, instances_of, make_buckets
-from lymph.head.estimator import _threads, _where, clinical_matrix, labelled_rows
+from lymph.head.bags import check_bags
+from lymph.head.base import (TorchBagEstimator, check_threshold, clinical_matrix, labelled_rows,
+                             torch_threads, where)
 from lymph.head.pooling import AttentionPool
-from lymph.head.train import choose_threshold, forward_groups, make_groups, weighted_bce
+from lymph.head.train import forward_groups, weighted_bce
 from lymph.head.train import train as train_head
 
 
@@ -76,7 +76,7 @@ def _moe_loss(aux: float) -> Any:
     return loss
 
 
-class MixtureOfExperts(BaseEstimator, ClassifierMixin):
+class MixtureOfExperts(TorchBagEstimator):
     """Mixture of an image expert and a clinical expert (Sahasrabudhe et al. 2021, the
     report's section 3.4). The image expert pools standardised instances by attention
     (Ilse et al.) into a small MLP (``image_hidden`` units; 0 = linear); the clinical expert
@@ -118,29 +118,15 @@ class MixtureOfExperts(BaseEstimator, ClassifierMixin):
         self.threshold = threshold
         self.n_threads = n_threads
 
-    def fit(self, store: Any) -> MixtureOfExperts:
-        with _threads(self.n_threads):
-            return self._fit(store)
-
     def _fit(self, store: Any) -> MixtureOfExperts:
-        from sklearn.model_selection import train_test_split
-
-        _check_threshold(self.threshold)
+        check_threshold(self.threshold)
         rows, y = labelled_rows(store)
         self.clinical_columns_ = _need_clinical(store, "MixtureOfExperts")
         check_bags(store, rows)
         self.dim_ = store.dim
         self.classes_ = np.array([0, 1])
-        clin = clinical_matrix(store, self.clinical_columns_)[rows]
-        self.clinical_scaler_ = Scaler.fit(clin)
-        self.instance_scaler_ = Scaler.fit(instances_of(store.embeddings, store.patient_ptr, rows))
-        pos = np.arange(rows.size)
-        n_val = int(round(self.val_fraction * rows.size))
-        if self.val_fraction > 0 and np.bincount(y, minlength=2).min() >= 2 and n_val >= 2:
-            tr, va = train_test_split(pos, test_size=n_val, stratify=y, random_state=self.seed)
-        else:
-            tr, va = pos, pos[:0]
-        zc = self.clinical_scaler_.transform(clin)
+        zc = self._fit_scalers(store, rows, images=True)  # on the fit patients only
+        tr, va = self._inner_split(y)  # early stopping + threshold
         tr_groups = self._groups(store, rows[tr], zc[tr], y[tr])
         va_groups = self._groups(store, rows[va], zc[va], y[va]) if va.size else None
         rng = np.random.default_rng(self.seed)
@@ -154,22 +140,17 @@ class MixtureOfExperts(BaseEstimator, ClassifierMixin):
                 patience=self.patience, batch_size=self.batch_size, rng=rng,
                 batch_loss=_moe_loss(self.aux_weight), fused=False)
             self.best_epoch_, self.epochs_run_ = res.best_epoch, res.epochs_run
-        if self.threshold == "inner" and va.size:
-            logits, _ = forward_groups(self.model_, va_groups or [], va.size)
-            self.threshold_ = choose_threshold(y[va], 1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
-        else:
-            self.threshold_ = 0.5 if self.threshold == "inner" else float(self.threshold)
+        y_val = y[va] if self.threshold == "inner" else y[:0]  # a fixed threshold needs none
+        logits = (forward_groups(self.model_, va_groups or [], va.size)[0] if y_val.size
+                  else np.zeros(0, np.float32))
+        self._set_threshold(y_val, logits)
         return self
-
-    def _groups(self, store: Any, rows: np.ndarray, zc: np.ndarray, y: np.ndarray | None) -> list:
-        buckets = make_buckets(store.embeddings, store.patient_ptr, rows, self.instance_scaler_)
-        return make_groups(buckets, zc, y)
 
     def _prepared(self, store: Any) -> tuple[np.ndarray, list]:
         if not hasattr(self, "model_"):
             raise LymphError("MixtureOfExperts: not fitted (call fit first)")
         if store.dim != self.dim_:
-            raise LymphError(f"{_where(store)}: /embeddings: expected {self.dim_} features per "
+            raise LymphError(f"{where(store)}: /embeddings: expected {self.dim_} features per "
                              f"image (the model's), got {store.dim}")
         rows = np.arange(store.n_patients)
         check_bags(store, rows)
@@ -178,17 +159,14 @@ class MixtureOfExperts(BaseEstimator, ClassifierMixin):
 
     def predict_proba(self, store: Any) -> np.ndarray:
         rows, groups = self._prepared(store)
-        with _threads(self.n_threads):
+        with torch_threads(self.n_threads):
             logits, _ = forward_groups(self.model_, groups, rows.size)
         return _proba(1.0 / (1.0 + np.exp(-logits.astype(np.float64))))
-
-    def predict(self, store: Any) -> np.ndarray:
-        return (self.predict_proba(store)[:, 1] >= self.threshold_).astype(np.int64)
 
     def attention(self, store: Any) -> list[np.ndarray]:
         """Per patient, the image expert's attention weight of each instance (sums to 1)."""
         rows, groups = self._prepared(store)
-        with _threads(self.n_threads):
+        with torch_threads(self.n_threads):
             _, w = forward_groups(self.model_, groups, rows.size, want_weights=True)
         assert w is not None
         return w
@@ -199,7 +177,7 @@ class MixtureOfExperts(BaseEstimator, ClassifierMixin):
         rows, groups = self._prepared(store)
         out = {k: np.zeros(rows.size) for k in ("pi_img", "p_img", "p_clin")}
         self.model_.eval()
-        with _threads(self.n_threads):
+        with torch_threads(self.n_threads):
             for g in groups:  # one padded bucket per step (a few per store), not per bag
                 li, lc, s, _ = self.model_.parts(g.x, g.mask, g.clin)
                 out["pi_img"][g.pos] = torch.sigmoid(s).numpy()

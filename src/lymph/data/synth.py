@@ -44,15 +44,15 @@ class SynthConfig:
 
     def check(self) -> None:
         if self.patients < 2:
-            raise LymphError(f"--patients: expected at least 2, got {self.patients}")
+            raise LymphError(f"patients: expected at least 2, got {self.patients}")
         if self.test_patients < 0:
-            raise LymphError(f"--test-patients: expected 0 or more, got {self.test_patients}")
+            raise LymphError(f"test_patients: expected 0 or more, got {self.test_patients}")
         if not 1 <= self.images_min <= self.images_max:
             raise LymphError(
-                f"--images: expected MIN:MAX with 1 <= MIN <= MAX, got {self.images_min}:{self.images_max}"
+                f"images: expected MIN:MAX with 1 <= MIN <= MAX, got {self.images_min}:{self.images_max}"
             )
         if self.size < 16:
-            raise LymphError(f"--size: expected at least 16 pixels, got {self.size}")
+            raise LymphError(f"size: expected at least 16 pixels, got {self.size}")
 
 
 def parse_range(value: str, option: str) -> tuple[int, int]:

@@ -1,16 +1,16 @@
-"""Stage one: image encoders (the convolutional autoencoder and the method registry),
-their training loop and the embedding pass that writes the store.
+"""Stage one: image encoders, their training loop and the embedding pass that writes the
+store. Three things, three places:
 
-Modules (import them directly; this package imports nothing heavy)::
+- **the methods**: ``registry`` (torch-free: every method's name and what the rest of the
+  code reads of it), ``methods/`` (one module per method: ``ae``, ``contrastive``, ``weak``,
+  ``morphometry``), ``model`` (the autoencoder), ``augment``, ``preprocess``;
+- **the training loop**: ``train`` (TrainConfig, train(): DDP, resume, bf16), ``feed``
+  (epoch plan and chunk reader), ``checkpoint``, ``distributed`` (torchrun helpers);
+- **the CPU fast paths**: ``fastcpu/`` (``layers``: faster layers and loss with PyTorch's
+  results; ``allocator``).
 
-    model        AEConfig, ConvAutoencoder
-    layers       its faster CPU layers and loss (same results as PyTorch's; FAST switches)
-    allocator    keep_freed_memory: glibc malloc kept from handing memory back
-    augment      random_dihedral: rot90 x k and flips on batched tensors
-    methods      the method registry (get_method, register, Preprocess)
-    train        TrainConfig, train(), ChunkFeeder
-    checkpoint   save_checkpoint, load_checkpoint (weights_only)
-    embed        embed_cache, embed_dataset, run_embed (`lymph embed`)
-    distributed  torchrun / DDP helpers
-    bench        bench_stage_one, bench_step_ablation
+Embedding and orchestration: ``embed`` (embed_cache, the store writer), ``run``
+(run_embed: `lymph embed`; embed_dataset: `lymph predict --data`), ``combine`` (``A+B``),
+``weak_folds`` / ``weak_checks`` (fold-safe label-trained scorers), ``bench``.
+Import the modules directly; this package imports nothing heavy.
 """

@@ -24,15 +24,13 @@ import torch
 
 from lymph.data.cache import ImageCache
 from lymph.encoder import distributed as D
-from lymph.encoder.methods import Preprocess, get_method
+from lymph.encoder.feed import ChunkFeeder, cache_reader, epoch_plan, feeder_threaded
 from lymph.encoder.model import train_flops_per_image
+from lymph.encoder.preprocess import Preprocess
+from lymph.encoder.registry import get_method
 from lymph.encoder.train import (
-    ChunkFeeder,
     TrainConfig,
     build_model,
-    cache_reader,
-    epoch_plan,
-    feeder_threaded,
     make_optimizer,
     resolve_precision,
     train_step,
@@ -221,7 +219,7 @@ def bench_step_ablation(*, batch_size: int = 128, size: int = 112, steps: int = 
     """The autoencoder's CPU training step with each fast path switched off in turn.
 
     Variants: ``all`` (the default), ``no_<name>`` for each entry of
-    :data:`lymph.encoder.layers.FAST`, ``none`` (every one off) and, with ``malloc``,
+    :data:`lymph.encoder.fastcpu.layers.FAST`, ``none`` (every one off) and, with ``malloc``,
     ``no_malloc_tuning`` (the default in a child process with ``LYMPH_MALLOC_TUNING=0``:
     the tuning is per process). ``only``: measure just these variants. Random uint8
     batches: the work does not depend on the pixels. Rounds interleave the variants;
@@ -234,7 +232,7 @@ def bench_step_ablation(*, batch_size: int = 128, size: int = 112, steps: int = 
     import subprocess
     import sys
 
-    from lymph.encoder import layers
+    from lymph.encoder.fastcpu import layers
     from lymph.encoder.model import AEConfig
 
     env = D.setup("cpu")
@@ -307,7 +305,7 @@ def bench_feed(*, n: int = 10_850, size: int = 112, batch_size: int = 128, world
     :func:`epoch_plan` over ``n`` random images held in RAM, read from RAM
     (``in_ram``) or block by block as from a cache too large for it. Median of ``epochs``;
     ``images`` counts those fed with a non-zero weight (each image once per epoch)."""
-    from lymph.encoder.train import _InRam
+    from lymph.encoder.feed import _InRam
 
     px = np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8)
     read = _InRam(px) if in_ram else (lambda a, b: px[a:b].copy())

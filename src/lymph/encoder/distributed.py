@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lymph.encoder.allocator import keep_freed_memory
+from lymph.encoder.fastcpu.allocator import keep_freed_memory
 from lymph.errors import LymphError
 
 #: the process group's timeout for collectives (training steps, gathers). Rank-0-only work
@@ -99,15 +99,15 @@ def check_device(pref: str, world: int, local_rank: int, local_world: int,
         return
     if pref.startswith("cuda:"):
         raise LymphError(
-            f"--device {pref} under torchrun would put every process on GPU {pref[5:]}; "
-            "use --device cuda (process i of a machine uses GPU LOCAL_RANK i), and "
+            f"`device` {pref} under torchrun would put every process on GPU {pref[5:]}; "
+            "use `device` cuda (process i of a machine uses GPU LOCAL_RANK i), and "
             "CUDA_VISIBLE_DEVICES to choose which GPUs a machine uses")
     if pref in ("cuda", "auto") and n_gpus > 0:  # (no GPU: resolve_device says so)
         if local_world > n_gpus:
             raise LymphError(
                 f"torchrun starts {local_world} processes on this machine but it has "
                 f"{n_gpus} visible GPU(s): use --nproc_per_node {n_gpus} or fewer, or "
-                "--device cpu")
+                "`device` cpu")
         if not 0 <= local_rank < n_gpus:  # pragma: no cover (torchrun sets it below local_world)
             raise LymphError(f"LOCAL_RANK {local_rank}: no such GPU (this machine has {n_gpus})")
 
@@ -115,15 +115,15 @@ def check_device(pref: str, world: int, local_rank: int, local_world: int,
 def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
     """``auto`` takes CUDA when present; ``cuda`` without a GPU is an error."""
     if pref not in ("auto", "cpu", "cuda") and not pref.startswith("cuda:"):
-        raise LymphError(f"--device: expected auto, cpu or cuda, got {pref!r}")
+        raise LymphError(f"device: expected auto, cpu or cuda, got {pref!r}")
     if pref == "auto":
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise LymphError("--device cuda: no CUDA device is available (use --device cpu)")
+            raise LymphError("`device` cuda: no CUDA device is available (use `device` cpu)")
         dev = torch.device(pref if ":" in pref else f"cuda:{local_rank}")
         if dev.index is not None and not 0 <= dev.index < torch.cuda.device_count():
-            raise LymphError(f"--device {pref}: no such GPU (this machine has "
+            raise LymphError(f"`device` {pref}: no such GPU (this machine has "
                              f"{torch.cuda.device_count()})")
         return dev
     return torch.device("cpu")
@@ -142,7 +142,7 @@ def setup(device: str = "auto") -> DistEnv:
     CPU threads: the cores divided among the processes of this node (two processes on two
     cores get one thread each; oversubscription costs more than it gains). An explicit
     ``OMP_NUM_THREADS`` wins (e.g. 1 on a CPU shared with other jobs). Also keeps freed
-    memory in the process (:mod:`lymph.encoder.allocator`). On CUDA, cuDNN picks its
+    memory in the process (:mod:`lymph.encoder.fastcpu.allocator`). On CUDA, cuDNN picks its
     fastest convolution algorithms for the fixed training shapes (``cudnn.benchmark``).
     """
     keep_freed_memory()

@@ -4,11 +4,12 @@ Eval mode, no augmentation, fp32 (TF32 off on CUDA: :func:`exact_fp32`), in cach
 round-robin share of the cache's blocks, the blocks are gathered on rank 0 and put back
 in order, and rank 0 writes the store (so the store is the same as a single process's).
 
-Public API (the stage-two ``predict --data`` uses :func:`embed_dataset`)::
+Public API (``lymph embed`` itself, ``run_embed``, and ``embed_dataset`` for
+``predict --data``: :mod:`lymph.encoder.run`)::
 
     embed_cache(cache, encoder, out, device="auto") -> Path
-    embed_dataset(data_dir, encoder, out, *, work_dir=None, device="auto") -> Path
-    run_embed(...)  # what `lymph embed` does: ingest, train or load, embed
+    load_encoder(path, device) -> (checkpoint, method, model)
+    compute_features(model, method, cache, prep, env) -> (n_images, D)
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +27,11 @@ import torch
 
 import lymph
 from lymph.atomic import sha256_file
-from lymph.data.cache import ImageCache, ingest, open_cache
+from lymph.data.cache import ImageCache
 from lymph.encoder import distributed as D
 from lymph.encoder.checkpoint import load_checkpoint
-from lymph.encoder.combine import is_combination
-from lymph.encoder.methods import Preprocess, get_method
+from lymph.encoder.preprocess import Preprocess
+from lymph.encoder.registry import get_method, method_spec
 from lymph.errors import LymphError
 
 log = logging.getLogger("lymph")
@@ -137,7 +137,7 @@ def embed_cache(cache: ImageCache, encoder: str | Path, out: str | Path, device:
     """Embed every image of ``cache`` with the checkpoint ``encoder``; write the store ``out``.
 
     Uses the checkpoint's normalisation; the cache must have the image size and crop the
-    encoder was trained with (:func:`embed_dataset` ingests accordingly).
+    encoder was trained with (:func:`lymph.encoder.run.embed_dataset` ingests accordingly).
     """
     out = Path(out)
     encoder = Path(encoder)
@@ -145,13 +145,14 @@ def embed_cache(cache: ImageCache, encoder: str | Path, out: str | Path, device:
     env = env or D.setup(device)
     try:
         ck, method, model = load_encoder(encoder, env.device, env)
+        spec = method_spec(str(ck["method"]))
         want = ck["cache"]
         if cache.size != want["size"] or cache.crop != want.get("crop"):
             raise LymphError(
                 f"{cache.path}: images are {cache.size} px (crop {cache.crop}), the encoder "
                 f"{encoder} was trained on {want['size']} px (crop {want.get('crop')}); "
-                f"re-ingest with --size {want['size']}"
-                + (f" --crop {want['crop']}" if want.get("crop") else "")
+                f"re-ingest with `size` {want['size']}"
+                + (f" `crop` {want['crop']}" if want.get("crop") else "")
             )
         norm = ck["normalisation"]
         prep = Preprocess(norm["mean"], norm["std"], env.device, channels_last=True)
@@ -169,10 +170,10 @@ def embed_cache(cache: ImageCache, encoder: str | Path, out: str | Path, device:
                 "epochs": int(ck.get("epoch", 0)),
                 "final_loss": float(ck["losses"][-1]) if ck.get("losses") else None,
                 **training_processes(ck),
-            }, feature_columns=_columns(method),
+            }, feature_columns=None if spec.feature_columns is None else list(spec.feature_columns),
                 # a label-trained scorer (weak): every patient scored by this one model
                 patient_scorer=(np.full(cache.n_patients, -1, dtype=np.int16)
-                                if getattr(method, "needs_labels", False) else None))
+                                if spec.needs_labels else None))
         D.barrier(env)
         return out
     finally:
@@ -185,12 +186,6 @@ def training_processes(ck: dict[str, Any]) -> dict[str, Any]:
     ``steps_per_epoch`` (its optimiser steps per epoch; the same for any number of
     processes): ``None`` for checkpoints written before lymph recorded them."""
     return {"world_size": ck.get("world_size"), "steps_per_epoch": ck.get("steps_per_epoch")}
-
-
-def _columns(method: Any) -> list[str] | None:
-    """The method's feature column names, when it declares fixed ones (``weak``)."""
-    cols = getattr(method, "feature_columns", None)
-    return None if cols is None else list(cols)
 
 
 def write_embedding_store(cache: ImageCache, feats: np.ndarray, out: Path,
@@ -209,22 +204,6 @@ def write_embedding_store(cache: ImageCache, feats: np.ndarray, out: Path,
     )
 
 
-def embed_dataset(data_dir: str | Path, encoder: str | Path, out: str | Path, *,
-                  work_dir: str | Path | None = None, device: str = "auto") -> Path:
-    """Ingest ``data_dir`` the way ``encoder`` was trained (image size, crop) into
-    ``work_dir`` (default: beside ``out``), then embed it into the store ``out``."""
-    ck = load_checkpoint(encoder)
-    if is_combination(str(ck["method"])):  # `--method A+B`: one cache and store per part
-        from lymph.encoder.combine import embed_combined_dataset
-
-        return embed_combined_dataset(data_dir, encoder, out, work_dir=work_dir, device=device)
-    size, crop = int(ck["cache"]["size"]), ck["cache"].get("crop")
-    cache_path = default_cache_path(out, size, work_dir)
-    ingest(data_dir, cache_path, size=size, crop=crop)
-    return embed_cache(open_cache(cache_path), encoder, out, device)
-
-
-# ---- `lymph embed` -----------------------------------------------------------------------
 @dataclass
 class EmbedSummary:
     store: Path | None
@@ -243,213 +222,3 @@ class EmbedSummary:
     embed_seconds: float = 0.0
     world: int = 1
     notes: list[str] = field(default_factory=list)  # method-specific lines for the CLI
-
-
-def run_embed(
-    *,
-    out: str | Path,
-    data: str | Path | None = None,
-    images: str | Path | None = None,
-    method: str = "ae",
-    dim: int | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    encoder: str | Path | None = None,
-    resume: bool = False,
-    size: int | None = None,
-    cache: str | Path | None = None,
-    progress: bool = True,
-    crop: int | None = None,
-    folds: int | None = None,
-) -> EmbedSummary:
-    """What ``lymph embed`` does: get the cache (ingesting ``data`` if given), train the
-    encoder unless ``encoder`` is given, then embed every image into the store ``out``.
-
-    ``size`` / ``crop`` (ingesting ``data``) default to the method's ``default_size`` /
-    ``default_crop`` (112 px, whole image, when it declares none). Label-trained methods
-    (``weak``) train ``folds`` fold scorers and a final one (:mod:`lymph.encoder.weak`)."""
-    out = Path(out)
-    # under torchrun every check below runs inside the process group, so that an error
-    # that every rank meets is printed once (D.fail) and one that a single rank meets (a
-    # file it cannot read) stops the others
-    env = D.setup(device)
-    try:
-        return _run_embed(env, out=out, data=data, images=images, method=method, dim=dim,
-                          epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                          device=device, encoder=encoder, resume=resume, size=size,
-                          cache=cache, progress=progress, crop=crop, folds=folds)
-    except BaseException as e:  # tell the other ranks (or stop quietly if one failed first)
-        err = D.fail(env, e)
-        if err is e:
-            raise
-        raise err from None
-    finally:
-        D.teardown(env)
-
-
-def _encoder_settings(encoder: str | Path) -> dict[str, Any]:
-    """What run_embed needs from an ``--encoder`` checkpoint before embedding with it."""
-    ck = load_checkpoint(encoder)
-    return {"method": str(ck["method"]), "size": int(ck["cache"]["size"]),
-            "crop": ck["cache"].get("crop")}
-
-
-def _run_embed(env: D.DistEnv, *, out: Path, data: str | Path | None, images: str | Path | None,
-               method: str, dim: int | None, epochs: int | None, batch_size: int | None,
-               lr: float | None, seed: int, device: str, encoder: str | Path | None,
-               resume: bool, size: int | None, cache: str | Path | None, progress: bool,
-               crop: int | None, folds: int | None) -> EmbedSummary:
-    from lymph.encoder.train import TrainConfig, train
-
-    if (data is None) == (images is None):
-        raise LymphError("give exactly one of --data DATA_DIR or --images CACHE.zarr")
-    if cache is not None and data is None:
-        raise LymphError("--cache says where --data is ingested; with --images the cache is given")
-    if encoder is not None and resume:
-        raise LymphError("--resume continues a training; with --encoder nothing is trained")
-    if out.suffix.lower() not in (".h5", ".hdf5"):
-        raise LymphError(f"--out {out}: expected an HDF5 store path ending in .h5")
-    # rank 0 reads the checkpoint (the other ranks get its settings, and later its weights)
-    enc = D.main_decides(env, lambda: _encoder_settings(encoder)) if encoder is not None else None
-    if is_combination(method) or (enc is not None and is_combination(enc["method"])):
-        if folds is not None:
-            raise LymphError(f"--folds: only for --method weak, not a combination ({method})")
-        from lymph.encoder.combine import run_combination
-
-        return run_combination(out=out, data=data, images=images, method=method,
-                               encoder=encoder, device=device, size=size, crop=crop,
-                               cache=cache, progress=progress, dim=dim, epochs=epochs,
-                               batch_size=batch_size, lr=lr, seed=seed, resume=resume)
-    if method == "morphometry":
-        if encoder is not None:
-            raise LymphError("--method morphometry computes features without an encoder; drop --encoder")
-    m_obj = None if method == "morphometry" else get_method(method)  # unknown names fail early
-    label_trained = bool(getattr(m_obj, "needs_labels", False))
-    if folds is not None and not label_trained:
-        raise LymphError(f"--folds: only for methods trained from labels (--method weak), "
-                         f"not --method {method}")
-    if label_trained and folds is None:
-        folds = 5
-    summary = EmbedSummary(store=None, is_main=env.is_main, world=env.world)
-    if enc is not None:
-        size, crop = enc["size"], enc["crop"]
-    else:
-        size = size or int(getattr(m_obj, "default_size", 112))
-        crop = crop if crop is not None else getattr(m_obj, "default_crop", None)
-    if data is not None:
-        cache_path = Path(cache) if cache else default_cache_path(out, size)
-        # rank 0 ingests, the others then read the cache: they must see its folder (on
-        # several machines, a shared filesystem; refused otherwise). They wait for it
-        # without a collective timeout (D.main_does)
-        D.check_shared_folder(env, cache_path.parent, "folder of the image cache (--cache)")
-        reused = D.main_does(env, f"ingest:{cache_path}", lambda: _ingest_with_progress(
-            data, cache_path, size, crop, progress))  # type: ignore[arg-type]
-        summary.cache, summary.cache_reused = cache_path, reused
-    else:
-        cache_path = Path(images)  # type: ignore[arg-type]
-        summary.cache, summary.cache_reused = cache_path, True
-    c = open_cache(cache_path)
-    D.check_same_cache(env, cache_path, c.fingerprint)
-    summary.n_images, summary.n_patients = c.n_images, c.n_patients
-    if method == "morphometry":
-        summary.dim = _morphometry(c, out, env)
-        summary.store = out
-        return summary
-    if encoder is None and label_trained:
-        return _weak(c, out, folds or 5, seed, epochs, batch_size, lr, resume, env,
-                     progress, summary)
-    if encoder is None:
-        m = get_method(method)
-        # dim None: the method's default; a method may declare its own TrainConfig
-        # defaults (``train_defaults``: (field, value) pairs; the arguments override)
-        mcfg = m.config_cls(size=c.size, **({} if dim is None else {"dim": dim}))
-        tcfg = TrainConfig(seed=seed, **dict(getattr(m, "train_defaults", ())))
-        if epochs is not None:
-            tcfg.epochs = epochs
-        if batch_size is not None:
-            tcfg.batch_size = batch_size
-        if lr is not None:
-            tcfg.lr = lr
-        ckp = checkpoint_path(out)
-        res = train(c, ckp, method=method, model_config=mcfg, config=tcfg, resume=resume,
-                    env=env, progress=progress, loss_curve=loss_curve_path(out))
-        encoder = ckp
-        summary.checkpoint, summary.loss_curve = ckp, res.loss_curve
-        summary.trained_epochs, summary.losses = res.epochs_run, res.losses
-        summary.train_seconds, summary.train_images_per_s = res.seconds, res.images_per_s
-    else:
-        summary.checkpoint = Path(encoder)
-    t0 = time.perf_counter()
-    embed_cache(c, encoder, out, env=env, progress=progress)
-    summary.embed_seconds = time.perf_counter() - t0
-    summary.store = out
-    if env.is_main:
-        from lymph.store import open_store
-
-        summary.dim = open_store(out).dim
-    return summary
-
-
-def _weak(c: ImageCache, out: Path, folds: int, seed: int, epochs: int | None,
-          batch_size: int | None, lr: float | None, resume: bool, env: D.DistEnv,
-          progress: bool, summary: EmbedSummary) -> EmbedSummary:
-    """``--method weak``: K fold scorers + the final scorer, fold-safe store."""
-    from lymph.encoder.weak import default_train_config, run_weak
-
-    tcfg = default_train_config(seed)
-    for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
-        if v is not None:
-            setattr(tcfg, k, v)
-    w = run_weak(c, out, folds=folds, seed=seed, config=tcfg, env=env, resume=resume,
-                 progress=progress)
-    final = w.losses.get("final", [])
-    summary.checkpoint, summary.losses, summary.trained_epochs = w.final_checkpoint, final, tcfg.epochs
-    summary.train_seconds, summary.train_images_per_s = w.train_seconds, w.images_per_s
-    summary.embed_seconds, summary.store = w.embed_seconds, out
-    summary.dim = 2
-    summary.notes = [f"{folds} fold scorers + the final scorer ({summary.train_seconds:.0f} s "
-                     f"of training in all); fold checkpoints: "
-                     + ", ".join(str(p) for p in w.fold_checkpoints)]
-    if w.oof and w.oof.get("auc_mean_prob") is not None:
-        summary.notes.append(
-            f"out-of-fold patient ROC AUC of the mean cell probability "
-            f"{w.oof['auc_mean_prob']:.3f} (mean cell logit {w.oof['auc_mean_logit']:.3f})")
-    return summary
-
-
-def _ingest_with_progress(data: str | Path, cache_path: Path, size: int, crop: int | None,
-                          progress: bool) -> bool:
-    from lymph.console import progress_bar
-
-    with progress_bar("ingest", None, enabled=progress) as update:
-        state = {"done": 0}
-
-        def step(done: int, total: int) -> None:
-            update(advance=done - state["done"], total=total)
-            state["done"] = done
-
-        return ingest(data, cache_path, size=size, crop=crop, progress=step).cached
-
-
-def _morphometry(cache: ImageCache, out: Path, env: D.DistEnv) -> int:
-    """``--method morphometry``: hand-crafted features, no training (rank 0 only)."""
-    try:
-        from lymph.encoder.morphometry import write_morphometry_store
-    except ModuleNotFoundError as e:
-        if e.name != "lymph.encoder.morphometry":
-            raise
-        raise LymphError(
-            "--method morphometry: not available in this installation "
-            "(module lymph.encoder.morphometry is missing); use --method ae"
-        ) from None
-    def work() -> int:
-        from lymph.store import open_store
-
-        write_morphometry_store(cache, out)
-        return open_store(out).dim
-
-    # rank 0 alone (however long a large cohort takes); the others wait without a timeout
-    return int(D.main_does(env, f"morphometry:{out}", work))

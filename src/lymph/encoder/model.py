@@ -11,7 +11,7 @@ step (forward + backward) is about 3x the forward: 112 MFLOP per image. See
 :func:`train_flops_per_image`.
 
 On the CPU, channels-last, the same function runs through the faster paths of
-:mod:`lymph.encoder.layers` (conv+ReLU fused, the transposed convolutions' weight
+:mod:`lymph.encoder.fastcpu.layers` (conv+ReLU fused, the transposed convolutions' weight
 gradients as convolutions) and the linear layers read and write channels-last activations
 as they lie; the parameters and state-dict keys are those of the plain PyTorch modules.
 """
@@ -19,14 +19,15 @@ as they lie; the parameters and state-dict keys are those of the plain PyTorch m
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lymph.encoder.layers import FAST, ConvTranspose2d, run_sequential
+from lymph.encoder.fastcpu.layers import FAST, ConvTranspose2d, run_sequential
+from lymph.configdict import config_from_dict, config_to_dict
 from lymph.errors import LymphError
 
 
@@ -41,24 +42,20 @@ class AEConfig:
 
     def check(self) -> None:
         if self.dim < 1:
-            raise LymphError(f"--dim: expected a positive embedding size, got {self.dim}")
+            raise LymphError(f"dim: expected a positive embedding size, got {self.dim}")
         f = 2 ** len(self.channels)
         if self.size % f or self.size < f:
             raise LymphError(
                 f"image size {self.size}: the autoencoder needs a side divisible by {f} "
-                f"(e.g. 32, 64, 112); re-ingest with --size"
+                f"(e.g. 32, 64, 112); re-ingest at another `size`"
             )
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AEConfig:
-        d = dict(d)
-        d["channels"] = tuple(d.get("channels", (16, 32, 64)))
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class ConvAutoencoder(nn.Module):

@@ -1,9 +1,12 @@
 """Stage two: MIL heads trained on the embedding store.
 
+    registry.py  the poolings and model-directory estimators by name (torch-free)
     bags.py      padding, masks, length buckets, scalers
-    pooling.py   attention, gated attention, mean, max (masked)
+    pooling.py   attention, gated attention, mean, max, dsmil (masked)
     model.py     pooling + clinical features -> MLP -> logit
     train.py     the vectorised training loop, threshold rule
+    base.py      TorchBagEstimator: what the torch estimators share (threads, scalers,
+                 inner split, threshold); store helpers
     estimator.py MILClassifier (the scikit-learn style contract every model follows)
     evaluate.py  folds, metrics, cross-validation
     fit.py       `lymph fit-head`

@@ -39,6 +39,14 @@ from lymph.head.pooling import masked_softmax
 from lymph.head.train import _EVAL_ELEMENTS, Group, _slice
 
 
+def build_head(cfg: HeadConfig) -> nn.Module:
+    """The network of ``cfg``: one :class:`~lymph.head.model.MILHead`, or with
+    ``members > 1`` the vectorised ensemble :class:`MILEnsemble` (same forward signature)."""
+    if cfg.members > 1:
+        return MILEnsemble(cfg)
+    return MILHead(cfg)
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")  # parameter names may not contain dots
 
@@ -73,9 +81,10 @@ class MILEnsemble(nn.Module):
         """Pooled ``(K, B, D)`` and weights ``(K, B, N)``: one matmul for all members."""
         k, (b, n, d) = self._k(), x.shape
         name = self.cfg.pooling
-        if name in ("mean", "max"):  # no parameters: the same for every member
-            pooled, a = self._base[0].pool.__class__()(x, mask)  # (B, D), (B, N)
-            return pooled.expand(k, b, d), a.expand(k, b, n)
+        if not any(p.startswith("pool.") for p in self.names):  # no parameters (mean, max,
+            # any such registered pooling): the same for every member
+            pooled, a = self._base[0].pool(x, mask)  # (B, D), (B, N)
+            return pooled.expand(k, b, pooled.shape[-1]), a.expand(k, b, n)
         if name not in ("attention", "gated", "dsmil"):  # others: vmap over the members
             return self._pool_vmap(x, mask)
         flat = mask.reshape(-1).nonzero().squeeze(1)  # (n_real,)

@@ -29,41 +29,29 @@ reproducible. ``None`` keeps the process setting.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin
 
 from lymph.errors import LymphError
-from lymph.head.bags import Scaler, check_bags, instances_of, make_buckets
-from lymph.head.model import HeadConfig, MILHead, build_head
-from lymph.head.pooling import POOLINGS
+from lymph.head.bags import check_bags
+from lymph.head.base import TorchBagEstimator, check_threshold, clinical_matrix, labelled_rows
+from lymph.head.base import torch_threads as _threads
+from lymph.head.base import where as _where
+from lymph.head.ensemble import build_head
+from lymph.head.model import HeadConfig, MILHead
+from lymph.head.registry import check_pooling
 from lymph.head.train import (
     TrainResult,
     choose_threshold_guarded,
     forward_groups,
-    make_groups,
     train,
 )
 
 #: ``members="auto"``: an inner-CV ensemble below this many fit patients, one head above
 #: (where a 20% inner split already holds hundreds of patients).
 AUTO_ENSEMBLE_BELOW = 1000
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n is not None and n != old:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n is not None and n != old:
-            torch.set_num_threads(old)
 
 
 #: ``patience`` counts epochs of up to this many training patients (see scaled_patience).
@@ -80,42 +68,7 @@ def scaled_patience(patience: int, n_train: int, floor: int = 3) -> int:
     return min(patience, max(floor, int(np.ceil(patience * PATIENCE_PATIENTS / n_train))))
 
 
-def _where(store: Any) -> str:
-    return str(store.path) if getattr(store, "path", None) is not None else "store"
-
-
-def labelled_rows(store: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The labelled rows of a store and their labels; both classes must be present."""
-    rows = store.labelled()
-    if rows.size == 0:
-        raise LymphError(f"{_where(store)}: /patients/label: no labelled patients to fit on "
-                         "(empty selection; expected labels 0 or 1)")
-    y = store.labels[rows].astype(np.int64)
-    if np.unique(y).size < 2:
-        raise LymphError(f"{_where(store)}: /patients/label: the fit patients are all of "
-                         f"class {int(y[0])}; expected both classes")
-    return rows, y
-
-
-def clinical_matrix(store: Any, columns: list[str]) -> np.ndarray:
-    """The store's clinical values for ``columns`` (by name, any order), checked finite."""
-    have = list(store.clinical_columns)
-    missing = [c for c in columns if c not in have]
-    if missing:
-        raise LymphError(
-            f"{_where(store)}: /patients/clinical: missing clinical field(s) "
-            f"{', '.join(missing)}; the model expects columns {', '.join(columns)} "
-            f"(the store has {', '.join(have) or 'none'})")
-    x = store.clinical[:, [have.index(c) for c in columns]].astype(np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        i, j = np.argwhere(bad)[0]
-        raise LymphError(f"{_where(store)}: /patients/clinical: patient {store.ids[i]} has no "
-                         f"value for {columns[j]} (expected a finite number)")
-    return x
-
-
-class MILClassifier(BaseEstimator, ClassifierMixin):
+class MILClassifier(TorchBagEstimator):
     """MIL head: ``pooling`` over instances + standardised clinical features -> MLP -> logit.
 
     ``clinical=False``: images only (also automatic when the store has no clinical
@@ -132,6 +85,9 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
     validation split for early stopping and the threshold; the kept model is the one
     trained on the rest, at its best epoch.
     """
+
+    #: 0.5 unless the best cut beats it by 2 standard errors (issue 17)
+    threshold_rule = staticmethod(choose_threshold_guarded)
 
     def __init__(self, pooling: str = "attention", clinical: bool = True, images: bool = True,
                  attention_hidden: int = 128, mlp: tuple[int, ...] = (256, 128),
@@ -160,10 +116,8 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
 
     # ---- fitting ------------------------------------------------------------------------
     def _check_params(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise LymphError(f"pooling: expected one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if not (self.threshold == "inner" or isinstance(self.threshold, (int, float))):
-            raise LymphError(f"threshold: expected 'inner' or a number in (0, 1), got {self.threshold!r}")
+        check_pooling(self.pooling)
+        check_threshold(self.threshold)
         if not self.images and not self.clinical:
             raise LymphError("images=False and clinical=False: expected at least one input")
         m = self.members
@@ -215,8 +169,6 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
                                  n_clinical=len(self.clinical_columns_))[0]
 
     def _fit(self, store: Any) -> MILClassifier:
-        from sklearn.model_selection import train_test_split
-
         self._check_params()
         rows, y = labelled_rows(store)
         self.classes_ = np.array([0, 1])
@@ -228,23 +180,11 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
         self.feature_columns_ = store.feature_columns
         if self.images:
             check_bags(store, rows)
-        # Scalers: fitted on the fit patients only (never on the patients evaluated).
-        clin = clinical_matrix(store, self.clinical_columns_)[rows]
-        self.clinical_scaler_ = Scaler.fit(clin)
-        self.instance_scaler_ = (Scaler.fit(instances_of(store.embeddings, store.patient_ptr, rows))
-                                 if self.images else None)
-        zc = self.clinical_scaler_.transform(clin)
+        zc = self._fit_scalers(store, rows, self.images)  # on the fit patients only
         k = self._n_members(y)
         if k > 1:
             return self._fit_ensemble(store, rows, zc, y, k)
-        # Inner stratified split of the fit patients: early stopping + threshold.
-        pos = np.arange(rows.size)
-        n_val = int(round(self.val_fraction * rows.size))
-        counts = np.bincount(y, minlength=2)
-        if self.val_fraction > 0 and counts.min() >= 2 and n_val >= 2:
-            tr, va = train_test_split(pos, test_size=n_val, stratify=y, random_state=self.seed)
-        else:  # too few patients for an inner split: fixed epochs, threshold 0.5
-            tr, va = pos, pos[:0]
+        tr, va = self._inner_split(y)  # early stopping + threshold
         self.inner_val_ids_ = [str(store.ids[rows[i]]) for i in va]
         cfg = HeadConfig(dim=self.dim_, n_clinical=len(self.clinical_columns_),
                          pooling=self.pooling, attention_hidden=self.attention_hidden,
@@ -255,11 +195,7 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
             self.model_ = MILHead(cfg)
             res, val_logits = self._train(store, rows, tr, va, zc, y)
         self.best_epoch_, self.epochs_run_ = res.best_epoch, res.epochs_run
-        if self.threshold == "inner" and va.size:
-            p_val = 1.0 / (1.0 + np.exp(-val_logits.astype(np.float64)))
-            self.threshold_ = choose_threshold_guarded(y[va], p_val)
-        else:
-            self.threshold_ = 0.5 if self.threshold == "inner" else float(self.threshold)
+        self._set_threshold(y[va], val_logits)
         return self
 
     def _fit_ensemble(self, store: Any, rows: np.ndarray, zc: np.ndarray, y: np.ndarray,
@@ -289,10 +225,7 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
                 rng=np.random.default_rng(self.seed))
         self.best_epoch_, self.epochs_run_ = round(float(np.median(best))), int(epochs)
         self.member_best_epochs_ = [int(b) for b in best]
-        if self.threshold == "inner":
-            self.threshold_ = choose_threshold_guarded(y, 1.0 / (1.0 + np.exp(-oof.astype(np.float64))))
-        else:
-            self.threshold_ = float(self.threshold)
+        self._set_threshold(y, oof)  # every fit patient out of fold
         return self
 
     def _train(self, store: Any, rows: np.ndarray, tr: np.ndarray, va: np.ndarray,
@@ -309,11 +242,6 @@ class MILClassifier(BaseEstimator, ClassifierMixin):
         val_logits = (forward_groups(self.model_, va_groups, va.size)[0] if va_groups
                       else np.zeros(0, np.float32))
         return res, val_logits
-
-    def _groups(self, store: Any, rows: np.ndarray, zc: np.ndarray, y: np.ndarray | None) -> list:
-        buckets = (make_buckets(store.embeddings, store.patient_ptr, rows, self.instance_scaler_)
-                   if self.images else None)
-        return make_groups(buckets, zc, y)
 
     # ---- inference ----------------------------------------------------------------------
     def _check_store(self, store: Any) -> np.ndarray:

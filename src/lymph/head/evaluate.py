@@ -22,36 +22,9 @@ from typing import Any
 import numpy as np
 
 from lymph.errors import LymphError
+from lymph.splits import Fold, make_folds  # noqa: F401 (make_folds: part of this API)
 
 METRICS = ("balanced_accuracy", "accuracy", "f1", "roc_auc", "pr_auc")
-
-Fold = tuple[int, int, np.ndarray, np.ndarray]  # (repeat, fold, train_rows, test_rows)
-
-
-def make_folds(labels: np.ndarray, folds: int = 5, repeats: int = 1, seed: int = 0) -> list[Fold]:
-    """Stratified patient-level folds over the labelled rows (labels 0/1; -1 left out).
-
-    Rows are store row indices. Repeat ``r`` shuffles with ``seed + r``.
-    """
-    from sklearn.model_selection import StratifiedKFold
-
-    labels = np.asarray(labels)
-    rows = np.flatnonzero(labels >= 0)
-    y = labels[rows]
-    if folds < 2:
-        raise LymphError(f"--folds: expected at least 2, got {folds}")
-    if repeats < 1:
-        raise LymphError(f"--repeats: expected at least 1, got {repeats}")
-    least = int(np.bincount(y.astype(np.int64), minlength=2).min()) if rows.size else 0
-    if least < folds:
-        raise LymphError(f"labels: {folds}-fold stratified CV needs at least {folds} patients "
-                         f"of each class, the smaller class has {least}")
-    out: list[Fold] = []
-    for r in range(repeats):
-        skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + r)
-        for k, (tr, te) in enumerate(skf.split(rows, y)):
-            out.append((r, k, rows[tr], rows[te]))
-    return out
 
 
 def folds_from_store(store: Any) -> list[Fold]:
@@ -197,7 +170,7 @@ def cross_validate(make_model: Callable[[], Any], store: Any, folds_list: list[F
     if not folds_list:
         raise LymphError("cross_validate: no folds (empty selection)")
     if not isinstance(n_jobs, int) or n_jobs < 1:
-        raise LymphError(f"--jobs: expected an integer >= 1, got {n_jobs!r}")
+        raise LymphError(f"n_jobs: expected an integer >= 1, got {n_jobs!r}")
     repeats = max(f[0] for f in folds_list) + 1
     n = store.n_patients
     oof = np.full((repeats, n), np.nan)

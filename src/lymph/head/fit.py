@@ -23,6 +23,7 @@ import numpy as np
 from lymph.atomic import write_text_atomic
 from lymph.errors import LymphError
 from lymph.head.evaluate import METRICS, CVResult, cross_validate, make_folds, summarise
+from lymph.head.registry import estimator_class, fusion_estimator
 
 
 @dataclass
@@ -38,9 +39,9 @@ def parse_threshold(value: str | float) -> str | float:
     try:
         t = float(value)
     except (TypeError, ValueError):
-        raise LymphError(f"--threshold: expected 'inner' or a number in (0, 1), got {value!r}") from None
+        raise LymphError(f"threshold: expected 'inner' or a number in (0, 1), got {value!r}") from None
     if not 0.0 < t < 1.0:
-        raise LymphError(f"--threshold: expected 'inner' or a number in (0, 1), got {value!r}")
+        raise LymphError(f"threshold: expected 'inner' or a number in (0, 1), got {value!r}")
     return t
 
 
@@ -51,9 +52,9 @@ def parse_members(value: str | int) -> str | int:
     try:
         k = int(value)
     except (TypeError, ValueError):
-        raise LymphError(f"--members: expected 'auto' or an integer >= 1, got {value!r}") from None
+        raise LymphError(f"members: expected 'auto' or an integer >= 1, got {value!r}") from None
     if k < 1:
-        raise LymphError(f"--members: expected 'auto' or an integer >= 1, got {value!r}")
+        raise LymphError(f"members: expected 'auto' or an integer >= 1, got {value!r}")
     return k
 
 
@@ -95,12 +96,9 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
         check_encoder_available(s)
     if "threshold" in params:
         params["threshold"] = parse_threshold(params["threshold"])
-    if fusion not in ("concat", "late"):
-        raise LymphError(f"--fusion: expected concat or late, got {fusion!r}")
-    if fusion == "late":  # issue 9: pooled image score + clinical -> logistic (lymph.baselines)
-        from lymph.baselines import LateFusion
-
-        proto: Any = LateFusion(seed=seed, threshold=params.get("threshold", "inner"))
+    spec = fusion_estimator(fusion)  # head.registry: concat -> MILClassifier, late -> LateFusion
+    if spec.name != "MILClassifier":  # e.g. late: pooled image score + clinical -> logistic
+        proto: Any = estimator_class(spec.name)(seed=seed, threshold=params.get("threshold", "inner"))
     else:
         proto = MILClassifier(pooling=pooling, seed=seed, **params)
         proto._check_params()

@@ -7,14 +7,16 @@ directory's JSON), so inference needs no other source of settings.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from lymph.configdict import config_from_dict, config_to_dict
 from lymph.errors import LymphError
-from lymph.head.pooling import POOLINGS, make_pooling
+from lymph.head.pooling import make_pooling
+from lymph.head.registry import check_pooling
 
 
 @dataclass
@@ -32,25 +34,11 @@ class HeadConfig:
         return self.dim > 0
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mlp"] = list(self.mlp)
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> HeadConfig:
-        d = dict(d)
-        d["mlp"] = tuple(int(v) for v in d["mlp"])
-        return cls(**d)
-
-
-def build_head(cfg: HeadConfig) -> nn.Module:
-    """The network of ``cfg``: one :class:`MILHead`, or with ``members > 1`` the vectorised
-    ensemble :class:`~lymph.head.ensemble.MILEnsemble` (same forward signature)."""
-    if cfg.members > 1:
-        from lymph.head.ensemble import MILEnsemble
-
-        return MILEnsemble(cfg)
-    return MILHead(cfg)
+        return config_from_dict(cls, d)
 
 
 class MILHead(nn.Module):
@@ -61,8 +49,7 @@ class MILHead(nn.Module):
 
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
-        if cfg.pooling not in POOLINGS:
-            raise LymphError(f"pooling: expected one of {', '.join(POOLINGS)}, got {cfg.pooling!r}")
+        check_pooling(cfg.pooling)
         if cfg.dim == 0 and cfg.n_clinical == 0:
             raise LymphError("head: no input left (images off and no clinical features); "
                              "expected images, clinical features or both")

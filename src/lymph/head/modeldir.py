@@ -33,6 +33,7 @@ import numpy as np
 
 from lymph.atomic import atomic_path, sha256_file
 from lymph.errors import LymphError
+from lymph.head.registry import estimator_class, estimator_spec
 
 log = logging.getLogger("lymph")
 
@@ -149,13 +150,14 @@ def save_model(model: Any, path: str | os.PathLike[str], *, store: Any,
     ``store`` is the store it was fitted on (fingerprint, provenance, encoder). ``extra``
     maps names inside the directory (e.g. ``cv/oof.csv``) to files to copy in.
     """
-    if type(model).__name__ == "LateFusion":  # fit-head --fusion late: JSON state, no weights
+    spec = estimator_spec(type(model).__name__, "save_model")
+    if spec.state == "json":  # e.g. fit-head --fusion late: JSON state, no weights
         state = model.to_json()
         return _write_model_dir(path, model, store, extra, lambda tmp: {
-            "fusion": "late", "params": state["params"],
+            "fusion": spec.fusion, "params": state["params"],
             "clinical_columns": state["clinical_columns"],
             "feature_columns": state["feature_columns"], "dim": state["dim"],
-            "threshold": state["threshold"], "late_fusion": state})
+            "threshold": state["threshold"], spec.state_key: state})
     if not hasattr(model, "model_"):
         raise LymphError("save_model: the model is not fitted")
 
@@ -309,16 +311,12 @@ def load_model(path: str | os.PathLike[str]) -> SavedModel:
 
 
 def _load(path: Path, mj: Path, meta: dict[str, Any]) -> SavedModel:
-    est_name = meta.get("estimator")
-    if est_name not in ("MILClassifier", "LateFusion"):
-        raise LymphError(f"{mj}: 'estimator': expected 'MILClassifier' or 'LateFusion', "
-                         f"got {est_name!r}")
+    spec = estimator_spec(meta.get("estimator"), f"{mj}: 'estimator'")
     _check_common(mj, meta)
-    if est_name == "LateFusion":  # fit-head --fusion late (lymph.baselines)
-        from lymph.baselines import LateFusion
-
-        state = _expect(mj, meta, "late_fusion", dict, "an object (the late-fusion state)")
-        est = LateFusion.from_json(state)
+    if spec.state == "json":  # e.g. fit-head --fusion late (lymph.baselines)
+        state = _expect(mj, meta, str(spec.state_key), dict,
+                        f"an object (the {spec.name} state)")
+        est = estimator_class(spec.name).from_json(state)
         from lymph.checks import check_threshold
 
         check_threshold(f"{mj}: 'late_fusion.threshold_'", getattr(est, "threshold_", 0.5))
@@ -328,7 +326,8 @@ def _load(path: Path, mj: Path, meta: dict[str, Any]) -> SavedModel:
     from lymph.finite import check_state
     from lymph.head.bags import Scaler
     from lymph.head.estimator import MILClassifier
-    from lymph.head.model import HeadConfig, build_head
+    from lymph.head.ensemble import build_head
+    from lymph.head.model import HeadConfig
 
     weights = _expect(mj, meta, "weights", dict, "an object with 'file' and 'sha256'")
     wfile = member_file(path, weights.get("file"), weights.get("sha256"), "weights.file")
@@ -383,7 +382,8 @@ def _load(path: Path, mj: Path, meta: dict[str, Any]) -> SavedModel:
 
 def _check_config(mj: Path, config: dict[str, Any]) -> None:
     """The head's architecture, range-checked before a tensor is made from it."""
-    from lymph.checks import check_choice, check_float, check_int, module_constant
+    from lymph.checks import check_float, check_int
+    from lymph.head.registry import check_pooling
 
     for key, lo in (("dim", 0), ("n_clinical", 0), ("attention_hidden", 1)):
         if key in config:
@@ -392,9 +392,8 @@ def _check_config(mj: Path, config: dict[str, Any]) -> None:
         check_int(f"{mj}: 'config.mlp'", h, 1)
     if "dropout" in config:
         check_float(f"{mj}: 'config.dropout'", config["dropout"], 0.0, 1.0, hi_open=True)
-    names = module_constant("lymph.head.pooling", "POOLINGS")
-    if "pooling" in config and config["pooling"] is not None and isinstance(names, tuple):
-        check_choice(f"{mj}: 'config.pooling'", config["pooling"], names)
+    if "pooling" in config and config["pooling"] is not None:
+        check_pooling(config["pooling"], f"{mj}: 'config.pooling'")
 
 
 def _check_head_params(mj: Path, est: Any) -> None:

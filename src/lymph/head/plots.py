@@ -7,22 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lymph.atomic import atomic_path
+from lymph.figures import STYLES, legend_outside, new_figure, save_png
 
 
 def pr_curve_png(path: str | os.PathLike[str], labels: np.ndarray, oof: np.ndarray,
                  title: str = "") -> Path:
     """Precision-recall curves of out-of-fold P(malignant), one per repeat (``oof (R, n)``,
     NaN = not scored), with the prevalence baseline."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    from lymph.report.plots import STYLES, legend_outside
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = new_figure((6.4, 4.2), dpi=120)
     prevalence = None
     for r in range(oof.shape[0]):
         ok = np.isfinite(oof[r])
@@ -44,8 +38,4 @@ def pr_curve_png(path: str | os.PathLike[str], labels: np.ndarray, oof: np.ndarr
     ax.set_title(title or "out-of-fold precision-recall", fontsize=9)
     legend_outside(ax)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -1,4 +1,5 @@
-"""Masked MIL pooling over padded bags: attention, gated attention, mean, max.
+"""Masked MIL pooling over padded bags: attention, gated attention, mean, max, dsmil (each
+registered by name in :mod:`lymph.head.registry`).
 
 Every pooling takes a padded batch ``x`` of shape ``(B, N, D)`` and a boolean ``mask``
 ``(B, N)`` (True = a real instance) and returns ``(pooled (B, D), weights (B, N))``. Padded
@@ -23,8 +24,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-POOLINGS = ("attention", "gated", "mean", "max", "dsmil")
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -117,17 +116,17 @@ class DSMILPool(nn.Module):
         return torch.cat([pooled, c_max.unsqueeze(1)], dim=1), a
 
 
-def make_pooling(name: str, dim: int, hidden: int = 128) -> nn.Module:
-    if name == "attention":
-        return AttentionPool(dim, hidden)
-    if name == "gated":
-        return GatedAttentionPool(dim, hidden)
-    if name == "mean":
-        return MeanPool()
-    if name == "max":
-        return MaxPool()
-    if name == "dsmil":
-        return DSMILPool(dim, hidden)
-    from lymph.errors import LymphError
+def mean_pool(dim: int, hidden: int = 128) -> nn.Module:
+    return MeanPool()
 
-    raise LymphError(f"pooling: expected one of {', '.join(POOLINGS)}, got {name!r}")
+
+def max_pool(dim: int, hidden: int = 128) -> nn.Module:
+    return MaxPool()
+
+
+def make_pooling(name: str, dim: int, hidden: int = 128) -> nn.Module:
+    """The pooling ``name`` of the registry (:mod:`lymph.head.registry`) for ``dim``-wide
+    instances."""
+    from lymph.head.registry import build_pooling
+
+    return build_pooling(name, dim, hidden)

@@ -1,7 +1,7 @@
 """``lymph predict``: a saved model directory applied to a store or to raw challenge data.
 
 With ``data_dir`` the images are embedded first by stage one
-(:func:`lymph.encoder.embed.embed_dataset`) with the encoder copy inside the model
+(:func:`lymph.encoder.run.embed_dataset`) with the encoder copy inside the model
 directory, into ``PRED.store.h5`` beside the predictions. Outputs (all written atomically):
 
 - ``PRED.csv``: ``id,probability,predicted`` (probability of malignancy, 0/1 at the
@@ -79,7 +79,7 @@ def embed_like_model(saved: SavedModel, data: Path, store_path: Path, work_dir: 
     """Make a store of ``data`` the way the model's training store was made.
 
     With the encoder copy of the model directory (any trained method, or a combination's
-    checkpoint) through :func:`lymph.encoder.embed.embed_dataset`; for a morphometry model
+    checkpoint) through :func:`lymph.encoder.run.embed_dataset`; for a morphometry model
     (no encoder) by ingesting at the training store's image size and measuring again.
     Returns the image cache used (for montages), or None.
     """
@@ -88,23 +88,26 @@ def embed_like_model(saved: SavedModel, data: Path, store_path: Path, work_dir: 
     enc = saved.encoder_path
     prov = saved.store_provenance
     if enc is not None and enc.exists():
-        from lymph.encoder.embed import embed_dataset
+        from lymph.encoder.run import embed_dataset
 
         embed_dataset(data, enc, store_path, work_dir=work_dir, device=device)
         caches = sorted(work_dir.glob("*.zarr"))
         return caches[0] if caches else None
-    if prov.get("method") == "morphometry":
-        from lymph.encoder.morphometry import MORPHOMETRY_VERSION, write_morphometry_store
+    from lymph.encoder.registry import METHODS, resolve  # torch-free
 
-        version = str(prov.get("morphometry_version", MORPHOMETRY_VERSION))
-        if version != MORPHOMETRY_VERSION:
-            raise LymphError(
-                f"{saved.path}: the model was trained on morphometry version {version}, this "
-                f"lymph measures version {MORPHOMETRY_VERSION}; refit the model")
+    spec = METHODS.get(str(prov.get("method")))
+    if spec is not None and spec.writer is not None:  # no network (morphometry): measure again
+        if spec.version is not None:
+            current = str(resolve(spec.version))
+            version = str(prov.get(f"{spec.name}_version", current))
+            if version != current:
+                raise LymphError(
+                    f"{saved.path}: the model was trained on {spec.name} version {version}, "
+                    f"this lymph measures version {current}; refit the model")
         cache_path = work_dir / "images.zarr"
-        ingest(data, cache_path, size=int(prov.get("image_size", 112)),
+        ingest(data, cache_path, size=int(prov.get("image_size", spec.default_size)),
                crop=prov.get("image_crop"))
-        write_morphometry_store(open_cache(cache_path), store_path)
+        resolve(spec.writer)(open_cache(cache_path), store_path)
         return cache_path
     raise LymphError(f"{saved.path}: the model directory holds no encoder checkpoint and its "
                      f"store's method is {prov.get('method')!r}, so --data cannot be embedded "
@@ -122,7 +125,7 @@ def predict(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     if (store is None) == (data is None):
         raise LymphError("predict: expected exactly one of --store and --data")
     if select not in SELECTIONS:
-        raise LymphError(f"--select: expected one of {', '.join(SELECTIONS)}, got {select!r}")
+        raise LymphError(f"select: expected one of {', '.join(SELECTIONS)}, got {select!r}")
     saved = load_model(model_dir)
     out = Path(out)
     if data is not None:

@@ -77,12 +77,13 @@ RANGES: dict[str, tuple[Any, ...]] = {
     "embed.dim": ("int", 0), "embed.epochs": ("int", 0), "embed.batch_size": ("int", 0),
     "embed.lr": ("float", 0.0), "embed.seed": ("int", 0, 2**31 - 1), "embed.folds": ("int", 2),
     "embed.device": ("choice", ("auto", "cpu", "cuda")),
+    "embed.method": ("method",),  # lymph.encoder.registry (torch-free)
     "head.attention_hidden": ("int", 1), "head.mlp": ("ints", 1),
     "head.dropout": ("frac",), "head.lr": ("pos",), "head.weight_decay": ("float", 0.0),
     "head.batch_size": ("int", 1), "head.max_epochs": ("int", 1), "head.patience": ("int", 1),
     "head.threshold": ("threshold",), "head.validation": ("choice", ("cv", "holdout")),
-    "head.fusion": ("choice", ("concat", "late")),
-    "head.pooling": ("registry", "lymph.head.pooling", "POOLINGS"),
+    "head.fusion": ("fusion",),  # lymph.head.registry (torch-free)
+    "head.pooling": ("pooling",),
     "head.folds": ("int", 2), "head.repeats": ("int", 1), "head.seed": ("int", 0, 2**31 - 1),
     "compare.folds": ("int", 2), "compare.repeats": ("int", 1), "compare.seed": ("int", 0, 2**31 - 1),
 }
@@ -90,7 +91,7 @@ RANGES: dict[str, tuple[Any, ...]] = {
 
 def check_setting(name: str, value: Any) -> None:
     """Range-check one resolved setting (``section.key``) with lymph.checks' message."""
-    from lymph.checks import check_choice, check_float, check_int, check_threshold, module_constant
+    from lymph.checks import check_choice, check_float, check_int, check_threshold
 
     spec = RANGES.get(name)
     if spec is None:
@@ -111,10 +112,18 @@ def check_setting(name: str, value: Any) -> None:
         check_threshold(name, value)
     elif kind == "choice":
         check_choice(name, value, b[0])
-    elif kind == "registry":
-        names = module_constant(b[0], b[1])
-        if isinstance(names, (tuple, list)) and names:
-            check_choice(name, value, tuple(names))
+    elif kind == "method":
+        from lymph.encoder.registry import check_method
+
+        check_method(value, name)
+    elif kind == "pooling":
+        from lymph.head.registry import check_pooling
+
+        check_pooling(value, name)
+    elif kind == "fusion":
+        from lymph.head.registry import fusion_estimator
+
+        fusion_estimator(value, name)
 
 
 def _type_name(v: Any) -> str:

@@ -67,12 +67,21 @@ def _build_synth(settings: dict[str, Any]) -> Callable[[Path], Path]:
     return build
 
 
+def _method(name: str) -> Any:
+    """The registry entry of a single method (None for a combination ``A+B``)."""
+    from lymph.encoder.registry import is_combination, method_spec
+
+    return None if is_combination(name) else method_spec(name, "embed.method")
+
+
 def _embed_settings(e: dict[str, Any]) -> dict[str, Any]:
+    """The settings that make the embed stage's fingerprint (only those that matter)."""
+    spec = _method(e["method"])
     s = {k: e[k] for k in ("method", "dim", "epochs", "batch_size", "lr", "seed")}
-    if e["method"] == "weak":
+    if spec is not None and spec.needs_labels:
         s["folds"] = e["folds"]
-    if e["method"] == "morphometry":
-        s = {"method": "morphometry"}
+    if spec is not None and not spec.trainable:
+        s = {"method": e["method"]}
     return s
 
 
@@ -203,17 +212,18 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
     st = make_stage(root, "embed", _embed_settings(e), [ingest_fp])
 
     def do_embed(folder: Path) -> dict[str, Any]:
-        from lymph.encoder.embed import run_embed
+        from lymph.encoder.run import run_embed
 
-        extra = {"folds": e["folds"]} if e["method"] == "weak" else {}
+        spec = _method(e["method"])
+        extra = {"folds": e["folds"]} if spec is not None and spec.needs_labels else {}
         out = folder / "store.h5"
-        if e["method"] == "morphometry":  # no training: measure every image, with progress
-            from lymph.data.cache import open_cache
-            from lymph.encoder.morphometry import write_morphometry_store
+        if spec is not None and spec.writer is not None:  # no training (morphometry): measure
+            from lymph.data.cache import open_cache  # every image, with progress
+            from lymph.encoder.registry import resolve
 
             cache = open_cache(cache_path)
-            with _bar("embed (morphometry)", cache.n_images, progress) as step:
-                write_morphometry_store(cache, out, progress=step)
+            with _bar(f"embed ({spec.name})", cache.n_images, progress) as step:
+                resolve(spec.writer)(cache, out, progress=step)
             return {"store": out}
         s = run_embed(out=out, images=cache_path, method=e["method"], dim=e["dim"] or None,
                       epochs=e["epochs"] or None, batch_size=e["batch_size"] or None,

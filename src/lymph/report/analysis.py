@@ -22,13 +22,13 @@ from lymph.errors import LymphError
 
 def choose(result: Any, chosen: str | None) -> tuple[Any, Any, str]:
     """(chosen model, best clinical-only model or None, the rule that chose it)."""
-    from lymph.compare import CLINICAL, IMAGES_CLINICAL
+    from lymph.compare_models import CLINICAL, IMAGES_CLINICAL
 
     ranked = result.ranked()
     clin = next((m for m in ranked if m.spec.inputs == CLINICAL), None)
     if chosen is not None:
         if chosen not in result.models:
-            raise LymphError(f"--chosen: {chosen!r} is not in this comparison (models: "
+            raise LymphError(f"chosen: {chosen!r} is not in this comparison (models: "
                              f"{', '.join(result.models)})")
         return result.models[chosen], clin, "the model the pipeline fits with its head settings"
     img = next((m for m in ranked if m.spec.inputs == IMAGES_CLINICAL), None)

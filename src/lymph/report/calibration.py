@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from lymph.atomic import atomic_path
+from lymph.figures import STYLES, new_figure, save_png
+
 
 EPS = 1e-6
 #: the probabilities are called "off" when the slope is outside this range or |intercept| above
@@ -104,16 +105,10 @@ def reliability_png(path: str | os.PathLike[str], y: np.ndarray,
                     curves: dict[str, np.ndarray], title: str, n_bins: int = 10) -> Path:
     """Reliability diagram (observed fraction malignant against mean predicted probability
     per quantile bin), one line per entry of ``curves`` (probabilities of the patients ``y``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.calibration import calibration_curve
 
-    from lymph.report.plots import STYLES
-
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(7.6, 4.6), dpi=110)
+    fig, ax = new_figure((7.6, 4.6), dpi=110)
     ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=0.8, label="perfect calibration")
     for k, (name, p) in enumerate(curves.items()):
         frac, mean = calibration_curve(y, p, n_bins=n_bins, strategy="quantile")
@@ -127,7 +122,5 @@ def reliability_png(path: str | os.PathLike[str], y: np.ndarray,
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return path

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from lymph.atomic import atomic_path
+from lymph.figures import STYLES, legend_outside, new_figure, save_png
+
 
 #: threshold probabilities of the curve
 THRESHOLDS = np.round(np.arange(0.01, 1.0, 0.01), 2)
@@ -50,16 +51,10 @@ def decision_curve(y_all: np.ndarray, scored: np.ndarray, oof: dict[str, np.ndar
 
 
 def decision_png(path: str | os.PathLike[str], dc: dict[str, Any], title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lymph.report.plots import STYLES, legend_outside
 
     path = Path(path)
     pts = np.asarray(dc["thresholds"])
-    fig, ax = plt.subplots(figsize=(7.6, 4.6), dpi=110)
+    fig, ax = new_figure((7.6, 4.6), dpi=110)
     for k, (name, nb) in enumerate(dc["models"].items()):
         st = STYLES[k % len(STYLES)]
         ax.plot(pts, nb, color=st["color"], ls=st["ls"], lw=1.6, label=name)
@@ -73,7 +68,5 @@ def decision_png(path: str | os.PathLike[str], dc: dict[str, Any], title: str) -
     ax.set_title(title, fontsize=9)
     legend_outside(ax)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return path

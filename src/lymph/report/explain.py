@@ -84,7 +84,7 @@ def explain(patient_id: str, model_dir: str | os.PathLike[str], *,
     if (store is None) == (data is None):
         raise LymphError("explain: expected exactly one of --store and --data")
     if k < 1:
-        raise LymphError(f"--k: expected at least 1, got {k}")
+        raise LymphError(f"k: expected at least 1, got {k}")
     saved = load_model(model_dir)
     out_p = Path(out) if out is not None else Path(f"{patient_id}.explain.png")
     if data is not None:

@@ -140,7 +140,7 @@ def galleries(out: Path, a: dict[str, Any], store: Any, result: Any, cache: Any,
               predictions: dict[str, Any] | None, pixels: bool = True) -> tuple[str, list[Path]]:
     """Per patient: a heading, the decision, and (with ``pixels``) the sheet of its cells."""
     from lymph.errors import LymphError
-    from lymph.report.markdown import cell_weights
+    from lymph.report.montage import cell_weights
     from lymph.report.montage import PixelSource
 
     m = result.models[a["chosen"]]

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lymph.atomic import write_text_atomic
+from lymph.report.montage import cell_weights
 
 #: the model whose out-of-fold errors get montages (falls back to the best model with weights)
 MONTAGE_MODEL = "attention+clinical"
@@ -104,14 +105,6 @@ def _montage_model(result: Any, chosen: str | None = None) -> Any:
         if m.attention and m.spec.pooling is not None:
             return m
     return None
-
-
-def cell_weights(m: Any) -> tuple[dict[str, np.ndarray], str]:
-    """A model's out-of-fold cell ranking: cell scores when it has them (late fusion, whose
-    attention is uniform), else attention weights; and the caption name."""
-    if getattr(m, "cell_scores", None):
-        return m.cell_scores, "score"
-    return m.attention, "w"
 
 
 def misclassified_md(result: Any, store: Any, out_dir: Path, cache: Any = None,

@@ -191,3 +191,11 @@ def clinical_text(store: Any, row: int) -> str:
         else:
             parts.append(f"{c} {v:.3g}")
     return ", ".join(parts) if parts else "no clinical data"
+
+
+def cell_weights(m: Any) -> tuple[dict[str, np.ndarray], str]:
+    """A model's out-of-fold cell ranking: cell scores when it has them (late fusion, whose
+    attention is uniform), else attention weights; and the caption name."""
+    if getattr(m, "cell_scores", None):
+        return m.cell_scores, "score"
+    return m.attention, "w"

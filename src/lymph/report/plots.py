@@ -15,34 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from lymph.atomic import atomic_path
-
-#: one distinct (colour, line style, marker) per curve: 10 colours x 4 line styles, so up to
-#: 40 curves never share both colour and style (colour-blind safe "tab10" order)
-_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-            "#7f7f7f", "#bcbd22", "#17becf")
-_LINES = ("-", "--", "-.", ":")
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
-STYLES = [{"color": _COLOURS[k % 10], "ls": _LINES[(k + k // 10) % 4], "marker": _MARKERS[k % 10]}
-          for k in range(40)]
-
-
-def legend_outside(ax: object, **kw: object) -> None:
-    """The legend to the right of the axes, so that it never hides a curve."""
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0,
-              title_fontsize=7, **kw)  # type: ignore[attr-defined]
-
+from lymph.figures import STYLES, legend_outside, new_figure, save_png
 
 def _curves_png(path: Path, labels: np.ndarray, oof: dict[str, np.ndarray], kind: str,
                 title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import (average_precision_score, precision_recall_curve,
                                  roc_auc_score, roc_curve)
 
-    fig, ax = plt.subplots(figsize=(8.2, 5.0), dpi=110)
+    fig, ax = new_figure((8.2, 5.0), dpi=110)
     prevalence = None
     for k, (name, p_all) in enumerate(oof.items()):
         ok = np.isfinite(p_all) & (labels >= 0)
@@ -73,9 +53,7 @@ def _curves_png(path: Path, labels: np.ndarray, oof: dict[str, np.ndarray], kind
     ax.set_title(title, fontsize=9)
     legend_outside(ax, title="AUC" if kind == "roc" else "average precision")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from lymph.errors import LymphError
+from lymph.figures import STYLES, legend_outside, new_figure, save_png
 
 #: operating point names, in report order
 TARGET, BALANCED = "target_sensitivity", "balanced"
@@ -145,20 +146,12 @@ def trade_png(path: Any, y: np.ndarray, curves: dict[str, np.ndarray],
     (per 100 patients) as the threshold moves, one line per model (``curves``: out-of-fold
     probabilities of the patients ``y``, from ``sklearn.metrics.roc_curve``), with the
     operating points (``points[model][name] = (avoided, missed)``) marked."""
-    from pathlib import Path
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.metrics import roc_curve
-
-    from lymph.atomic import atomic_path
-    from lymph.report.plots import STYLES, legend_outside
 
     y = np.asarray(y, dtype=np.int64)
     n, n_pos, n_neg = y.size, int(y.sum()), int((1 - y).sum())
-    fig, ax = plt.subplots(figsize=(7.6, 4.6), dpi=110)
+    fig, ax = new_figure((7.6, 4.6), dpi=110)
     marks = {TARGET: "*", BALANCED: "o"}
     for k, (name, p) in enumerate(curves.items()):
         st = STYLES[k % len(STYLES)]
@@ -178,8 +171,4 @@ def trade_png(path: Any, y: np.ndarray, curves: dict[str, np.ndarray],
     ax.set_title(title, fontsize=9)
     legend_outside(ax)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

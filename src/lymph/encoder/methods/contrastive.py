@@ -25,14 +25,15 @@ costs about 0.22 GFLOP per cell (two views, forward + backward ~3x forward).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lymph.encoder.methods import Preprocess, register
+from lymph.encoder.preprocess import Preprocess
+from lymph.configdict import config_from_dict, config_to_dict
 from lymph.errors import LymphError
 
 
@@ -60,11 +61,11 @@ class ContrastiveConfig:
 
     def check(self) -> None:
         if self.dim < 1:
-            raise LymphError(f"--dim: expected a positive embedding size, got {self.dim}")
+            raise LymphError(f"dim: expected a positive embedding size, got {self.dim}")
         if self.size < 16 or self.size >> len(self.channels) < 2:
             raise LymphError(
                 f"image size {self.size}: the contrastive encoder pools {len(self.channels)} "
-                f"times and needs at least {2 << len(self.channels)} px; re-ingest with --size 64"
+                f"times and needs at least {2 << len(self.channels)} px; re-ingest at `size` 64"
             )
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
             raise LymphError(f"scale: expected 0 < low <= high <= 1, got {self.scale}")
@@ -72,18 +73,11 @@ class ContrastiveConfig:
             raise LymphError(f"temperature: expected a positive value, got {self.temperature}")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for k in ("channels", "scale", "blur_sigma"):
-            d[k] = list(d[k])
-        return d
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ContrastiveConfig:
-        d = dict(d)
-        for k in ("channels", "scale", "blur_sigma"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:
@@ -202,32 +196,9 @@ def nt_xent(z: torch.Tensor, temperature: float) -> torch.Tensor:
 # ---- the registry entry --------------------------------------------------------------------
 @dataclass(frozen=True)
 class ContrastiveMethod:
-    """SimCLR on single cells; see the module docstring."""
+    """SimCLR on single cells; see the module docstring (its defaults: the registry)."""
 
-    name: str = "contrastive"
     config_cls: type = ContrastiveConfig
-    trainable: bool = True
-    loss_name: str = "NT-Xent loss"
-    #: NT-Xent needs two images (four views) per batch: a last batch of one image joins the
-    #: one before it (lymph.encoder.train.epoch_plan)
-    min_batch: int = 2
-    # `lymph embed --data` ingests at this size and centre crop: the cell fills the middle
-    # ~112 px of the 224 px images; a 160 px crop keeps it whole with room for the zoom and
-    # shift augmentations, and 64 px (2.5x down) keeps nucleus shape and size at a quarter
-    # of the cost of 112 px. (--images uses the given cache as is.)
-    default_size: int = 64
-    default_crop: int | None = 160
-    # TrainConfig defaults for this method (the command line overrides them). Budget: the
-    # dev set (10,850 cells) in about 30 minutes on the shared 2-core CPU. Measured there
-    # (bf16, two views, forward + backward; docs/benchmarks.md) 70 cells/s on average
-    # while three other jobs shared the cores (15 epochs: 39 min) and 478 cells/s idle
-    # (15 epochs: 6 min); 15 epochs keeps a shared machine near 30 min. Batch 256 gives 510
-    # negatives per view (NT-Xent improves with more negatives, and a CPU wastes less time
-    # per image in large batches) and still 42 updates per epoch; Adam at 1e-3, with a
-    # little weight decay as in SimCLR.
-    train_defaults: tuple[tuple[str, Any], ...] = (
-        ("epochs", 15), ("batch_size", 256), ("lr", 1e-3), ("weight_decay", 1e-6),
-    )
 
     def build(self, config: ContrastiveConfig) -> nn.Module:
         return ContrastiveNet(config)
@@ -248,4 +219,4 @@ def _config_of(model: nn.Module) -> ContrastiveConfig:
     return inner.config  # type: ignore[return-value]
 
 
-register(ContrastiveMethod())
+METHOD = ContrastiveMethod()
