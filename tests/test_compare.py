@@ -19,7 +19,8 @@ from lymph.store import open_store, write_store
 
 MODEL_NAMES = ("adaboost", "logistic", "clinical-mlp", "mean+clinical", "max+clinical",
                "attention+clinical", "gated+clinical", "attention-images-only",
-               "mixture-of-experts", "late-fusion", "bag-stats-forest")  # the report's order
+               "mixture-of-experts", "late-fusion", "bag-stats-forest",
+               "composition+clinical")  # the report's order
 
 FAST = "adaboost,logistic,clinical-mlp,mean+clinical,mixture-of-experts,late-fusion"
 

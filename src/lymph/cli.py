@@ -214,7 +214,9 @@ def registry_help(what: str) -> str:
         return pooling_help()
     from lymph.compare_models import model_names
 
-    return f"Comma-separated subset of {', '.join(model_names())} (default: all)."
+    opt_in = [n for n in model_names(optional=True) if n not in model_names()]
+    return (f"Comma-separated subset of {', '.join(model_names())} (default: all of these); "
+            f"opt-in: {', '.join(opt_in)}.")
 
 
 @app.command()
@@ -546,10 +548,11 @@ def compare_baselines(
     check_target(target_sensitivity)
     from lymph.compare_models import model_names  # torch-free
 
-    unknown = [n.strip() for n in (models or "").split(",") if n.strip() not in ("", *model_names())]
+    known = model_names(optional=True)
+    unknown = [n.strip() for n in (models or "").split(",") if n.strip() not in ("", *known)]
     if unknown:  # before torch: the same message as lymph.compare.select_models
         raise LymphError(f"--models: unknown model(s) {', '.join(unknown)}; expected names from "
-                         f"{', '.join(model_names())}")
+                         f"{', '.join(known)}")
     check_outputs({"--out": (out, "report"), "--json": (json_out, "json")}, [store, images])
     from lymph.compare import run_compare
     from lymph.console import progress_bar
