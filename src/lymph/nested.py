@@ -140,12 +140,12 @@ def run_nested(store: str | Path, images: str | Path, *, folds: int = 5, repeats
     s = open_store(store)
     prov = s.provenance or {}
     if not is_label_trained(prov) or prov.get("method") != "weak":
-        raise LymphError(f"{store}: --nested: provenance 'method' is {prov.get('method')!r}, "
+        raise LymphError(f"{store}: `nested`: provenance 'method' is {prov.get('method')!r}, "
                          "expected 'weak' (a stage one trained from labels); other stores are "
-                         "already nested by the ordinary folds: drop --nested")
+                         "already nested by the ordinary folds: drop `nested`")
     cache = open_cache(images)
     if prov.get("data_fingerprint") and cache.fingerprint != prov["data_fingerprint"]:
-        raise LymphError(f"{images}: --images: the cache's fingerprint differs from the store's "
+        raise LymphError(f"{images}: `images`: the cache's fingerprint differs from the store's "
                          "provenance 'data_fingerprint': pass the cache the store was made from")
     cfg = prov.get("config") or {}
     tc = cfg.get("train_config") or {}

@@ -356,7 +356,7 @@ def import_store(sources: list[str | os.PathLike[str]], out: str | os.PathLike[s
                     _check_block(x, dim, str(srcs[0]), line, unit="line")
                     dim, fcols = x.shape[1], names
                     if blabels is not None and labels is not None:
-                        raise LymphError(f"{srcs[0]}: has a {label_column!r} column and --labels "
+                        raise LymphError(f"{srcs[0]}: has a {label_column!r} column and `labels` "
                                          "was given; expected labels from one place")
                     starts = np.flatnonzero(np.r_[True, bids[1:] != bids[:-1]])
                     ends = np.r_[starts[1:], len(bids)]

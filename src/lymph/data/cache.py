@@ -265,7 +265,7 @@ def ingest(
             _release_worker_state()
         bad.sort()
         if bad and strict:
-            raise LymphError(f"unreadable image(s) with --strict: {bad[0]}" + (
+            raise LymphError(f"unreadable image(s) with `strict`: {bad[0]}" + (
                 f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
         for msg in bad:
             log.warning("skipped unreadable image %s", msg)

@@ -39,7 +39,7 @@ def folds_from_store(store: Any) -> list[Fold]:
     wf = (getattr(store, "provenance", None) or {}).get("weak_folds")
     where = getattr(store, "path", None) or "store"
     if not wf or not wf.get("test_ids"):
-        raise LymphError(f"{where}: --folds-from-store: the store records no stage-one folds "
+        raise LymphError(f"{where}: `folds_from_store`: the store records no stage-one folds "
                          "(provenance 'weak_folds'); make it with `lymph embed --method weak "
                          "--folds K`")
     pos = {str(pid): i for i, pid in enumerate(store.ids)}

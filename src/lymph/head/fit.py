@@ -108,7 +108,7 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
     images = proto.images
     clinical = proto.clinical and len(s.clinical_columns) > 0
     if not images and not clinical:
-        raise LymphError(f"{s.path}: /patients/clinical: no clinical columns, so --no-images "
+        raise LymphError(f"{s.path}: /patients/clinical: no clinical columns, so `no_images` "
                          "leaves no input")
     from lymph.insample import check_in_sample
 

@@ -123,7 +123,7 @@ def predict(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     from lymph.store import open_store
 
     if (store is None) == (data is None):
-        raise LymphError("predict: expected exactly one of --store and --data")
+        raise LymphError("predict: expected exactly one of `store` and `data`")
     if select not in SELECTIONS:
         raise LymphError(f"select: expected one of {', '.join(SELECTIONS)}, got {select!r}")
     saved = load_model(model_dir)
@@ -144,7 +144,7 @@ def predict(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
     rows = {"all": np.arange(s.n_patients), "labelled": s.labelled(),
             "unlabelled": np.flatnonzero(s.labels < 0)}[select]
     if rows.size == 0:
-        raise LymphError(f"{store_path}: no patients selected (--select {select}: empty selection)")
+        raise LymphError(f"{store_path}: no patients selected (`select` {select}: empty selection)")
     sub = s.subset(rows) if rows.size != s.n_patients else s
     est = saved.estimator
     p = np.asarray(est.predict_proba(sub)[:, 1], dtype=np.float64)

@@ -82,7 +82,7 @@ def explain(patient_id: str, model_dir: str | os.PathLike[str], *,
     from lymph.head.modeldir import load_model
 
     if (store is None) == (data is None):
-        raise LymphError("explain: expected exactly one of --store and --data")
+        raise LymphError("explain: expected exactly one of `store` and `data`")
     if k < 1:
         raise LymphError(f"k: expected at least 1, got {k}")
     saved = load_model(model_dir)
