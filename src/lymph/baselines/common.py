@@ -64,6 +64,30 @@ def _threshold(param: str | float, y: np.ndarray, p_oof: np.ndarray | None) -> f
     return choose_threshold(y, p_oof)
 
 
+def fit_fusion_logistic(z: np.ndarray, y: np.ndarray, Cs: Any, inner: list,
+                        threshold: str | float) -> tuple[float, float, np.ndarray, float]:
+    """The fusion regression of the late-fusion family on standardised features ``z``: ``C``
+    chosen among ``Cs`` by inner-CV log loss (the last when there are no inner folds, or one
+    ``C`` and a fixed threshold), the threshold from that ``C``'s out-of-fold probabilities,
+    then the fit on all rows: ``(C, threshold, coef, intercept)``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    def make(c: float) -> Any:
+        return lambda: LogisticRegression(C=c, class_weight="balanced", max_iter=1000)
+
+    best_c, best_loss, best_oof = float(Cs[-1]), np.inf, None
+    if inner and (len(Cs) > 1 or threshold == "inner"):
+        for c in Cs:
+            p = _oof(make(float(c)), z, y, inner)
+            loss = log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])
+            if loss < best_loss - 1e-12:
+                best_c, best_loss, best_oof = float(c), loss, p
+    lr = make(best_c)().fit(z, y)
+    return (best_c, _threshold(threshold, y, best_oof), lr.coef_[0].astype(np.float64),
+            float(lr.intercept_[0]))
+
+
 def _proba(p: np.ndarray) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64)
     return np.stack([1.0 - p, p], axis=1)

@@ -27,12 +27,11 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from lymph.baselines.common import (
+    fit_fusion_logistic,
     _check_threshold,
     _inner_folds,
     _need_clinical,
-    _oof,
     _proba,
-    _threshold,
     blas_threads,
 )
 from lymph.errors import LymphError
@@ -100,8 +99,6 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
 
     def _fit(self, store: Any) -> CompositionFusion:
         from sklearn.cluster import KMeans
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.metrics import log_loss
 
         _check_threshold(self.threshold)
         if not isinstance(self.n_prototypes, (int, np.integer)) or self.n_prototypes < 2:
@@ -130,20 +127,8 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
         z = np.asarray(self.fusion_scaler_.transform(feats), dtype=np.float64)
         inner = _inner_folds(y, self.inner_folds, self.seed)
 
-        def make(c: float) -> Any:
-            return lambda: LogisticRegression(C=c, class_weight="balanced", max_iter=1000)
-
-        best_c, best_loss, best_oof = float(self.Cs[-1]), np.inf, None
-        for c in self.Cs if inner else ():
-            p = _oof(make(float(c)), z, y, inner)
-            loss = log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])
-            if loss < best_loss - 1e-12:
-                best_c, best_loss, best_oof = float(c), loss, p
-        self.C_ = best_c
-        self.threshold_ = _threshold(self.threshold, y, best_oof)
-        lr = make(best_c)().fit(z, y)
-        self.coef_ = lr.coef_[0].astype(np.float64)
-        self.intercept_ = float(lr.intercept_[0])
+        self.C_, self.threshold_, self.coef_, self.intercept_ = fit_fusion_logistic(
+            z, y, self.Cs, inner, self.threshold)
         return self
 
     # ---- inference ---------------------------------------------------------------------------

@@ -26,12 +26,11 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from lymph.baselines.common import (
+    fit_fusion_logistic,
     _check_threshold,
     _inner_folds,
     _need_clinical,
-    _oof,
     _proba,
-    _threshold,
     blas_threads,
 )
 from lymph.baselines.late_fusion import LateFusion, logit_column
@@ -117,8 +116,6 @@ class MultiScoreFusion(BaseEstimator, ClassifierMixin):
             return self._fit(store)
 
     def _fit(self, store: Any) -> MultiScoreFusion:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.metrics import log_loss
 
         _check_threshold(self.threshold)
         if not 0.0 <= self.quantile <= 1.0:
@@ -139,20 +136,8 @@ class MultiScoreFusion(BaseEstimator, ClassifierMixin):
         self.fusion_scaler_ = Scaler.fit(feats)
         z = np.asarray(self.fusion_scaler_.transform(feats), dtype=np.float64)
 
-        def make(c: float) -> Any:
-            return lambda: LogisticRegression(C=c, class_weight="balanced", max_iter=1000)
-
-        best_c, best_loss, best_oof = float(self.Cs[-1]), np.inf, None
-        for c in self.Cs if inner else ():
-            p = _oof(make(float(c)), z, y, inner)
-            loss = log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])
-            if loss < best_loss - 1e-12:
-                best_c, best_loss, best_oof = float(c), loss, p
-        self.C_ = best_c
-        self.threshold_ = _threshold(self.threshold, y, best_oof)
-        lr = make(best_c)().fit(z, y)
-        self.coef_ = lr.coef_[0].astype(np.float64)
-        self.intercept_ = float(lr.intercept_[0])
+        self.C_, self.threshold_, self.coef_, self.intercept_ = fit_fusion_logistic(
+            z, y, self.Cs, inner, self.threshold)
         return self
 
     def decision_function(self, store: Any) -> np.ndarray:
