@@ -78,7 +78,7 @@ def test_bad_images_skipped_with_warning_or_strict_error(synth_data: Path, tmp_p
     assert c.n_images == n_before - 3 and not any("90000" + k in p for p in c.paths for k in "012")
     gray = c.read(c.paths.index(str(pdir / "900003.jpg")), c.paths.index(str(pdir / "900003.jpg")) + 1)[0]
     assert gray.shape == (3, 32, 32) and (gray == 128).all()
-    with pytest.raises(LymphError, match="unreadable.*--strict"):
+    with pytest.raises(LymphError, match="unreadable.*`strict`"):
         ingest(data, tmp_path / "s.zarr", size=32, workers=1, strict=True)
     assert not (tmp_path / "s.zarr").exists()
 
