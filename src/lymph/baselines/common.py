@@ -64,6 +64,32 @@ def _threshold(param: str | float, y: np.ndarray, p_oof: np.ndarray | None) -> f
     return choose_threshold(y, p_oof)
 
 
+def check_fusion_params(est: Any) -> None:
+    """The settings the late-fusion family shares: ``threshold``, ``quantile``, ``Cs``."""
+    _check_threshold(est.threshold)
+    if not 0.0 <= est.quantile <= 1.0:
+        raise LymphError(f"quantile: expected a number in [0, 1], got {est.quantile!r}")
+    if not est.Cs or any(float(c) <= 0 for c in est.Cs):
+        raise LymphError(f"Cs: expected positive numbers, got {est.Cs!r}")
+
+
+def check_predict_store(est: Any, store: Any) -> np.ndarray:
+    """Before predicting with a fitted fusion model: fitted, some patients, the training
+    dimension, valid bags. The rows to predict (every patient)."""
+    from lymph.head.bags import check_bags
+
+    if not hasattr(est, "coef_"):
+        raise LymphError(f"{type(est).__name__}: not fitted (call fit first)")
+    if store.n_patients == 0:
+        raise LymphError(f"{_where(store)}: no patients to predict (empty selection)")
+    if store.dim != est.dim_:
+        raise LymphError(f"{_where(store)}: /embeddings: expected {est.dim_} features per "
+                         f"image (the model's encoder), got {store.dim}")
+    rows = np.arange(store.n_patients)
+    check_bags(store, rows)
+    return rows
+
+
 def fit_fusion_logistic(z: np.ndarray, y: np.ndarray, Cs: Any, inner: list,
                         threshold: str | float) -> tuple[float, float, np.ndarray, float]:
     """The fusion regression of the late-fusion family on standardised features ``z``: ``C``

@@ -27,6 +27,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from lymph.baselines.common import (
+    check_predict_store,
     fit_fusion_logistic,
     _check_threshold,
     _inner_folds,
@@ -133,15 +134,7 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
 
     # ---- inference ---------------------------------------------------------------------------
     def _check_store(self, store: Any) -> np.ndarray:
-        if not hasattr(self, "coef_"):
-            raise LymphError("CompositionFusion: not fitted (call fit first)")
-        if store.n_patients == 0:
-            raise LymphError(f"{_where(store)}: no patients to predict (empty selection)")
-        if store.dim != self.dim_:
-            raise LymphError(f"{_where(store)}: /embeddings: expected {self.dim_} features per "
-                             f"image (the model's encoder), got {store.dim}")
-        rows = np.arange(store.n_patients)
-        check_bags(store, rows)
+        rows = check_predict_store(self, store)
         return rows
 
     def decision_function(self, store: Any) -> np.ndarray:

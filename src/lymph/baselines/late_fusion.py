@@ -9,8 +9,9 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from lymph.baselines.common import (
+    check_fusion_params,
+    check_predict_store,
     fit_fusion_logistic,
-    _check_threshold,
     _inner_folds,
     _need_clinical,
     _proba,
@@ -114,11 +115,7 @@ class LateFusion(BaseEstimator, ClassifierMixin):
 
     def _fit(self, store: Any) -> LateFusion:
 
-        _check_threshold(self.threshold)
-        if not 0.0 <= self.quantile <= 1.0:
-            raise LymphError(f"quantile: expected a number in [0, 1], got {self.quantile!r}")
-        if not self.Cs or any(float(c) <= 0 for c in self.Cs):
-            raise LymphError(f"Cs: expected positive numbers, got {self.Cs!r}")
+        check_fusion_params(self)
         rows, y = labelled_rows(store)
         self.clinical_columns_ = _need_clinical(store, "LateFusion")
         check_bags(store, rows)
@@ -152,19 +149,11 @@ class LateFusion(BaseEstimator, ClassifierMixin):
 
     # ---- inference ---------------------------------------------------------------------------
     def _check_store(self, store: Any) -> np.ndarray:
-        if not hasattr(self, "coef_"):
-            raise LymphError("LateFusion: not fitted (call fit first)")
-        if store.n_patients == 0:
-            raise LymphError(f"{_where(store)}: no patients to predict (empty selection)")
-        if store.dim != self.dim_:
-            raise LymphError(f"{_where(store)}: /embeddings: expected {self.dim_} features per "
-                             f"image (the model's encoder), got {store.dim}")
+        rows = check_predict_store(self, store)
         if (self.feature_columns_ is not None and store.feature_columns is not None
                 and list(store.feature_columns) != self.feature_columns_):
             raise LymphError(f"{_where(store)}: /embeddings attribute 'columns' differs from the "
                              "model's feature columns: a store from another encoder?")
-        rows = np.arange(store.n_patients)
-        check_bags(store, rows)
         return rows
 
     def decision_function(self, store: Any) -> np.ndarray:

@@ -26,17 +26,17 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from lymph.baselines.common import (
+    check_fusion_params,
+    check_predict_store,
     fit_fusion_logistic,
-    _check_threshold,
     _inner_folds,
     _need_clinical,
     _proba,
     blas_threads,
 )
 from lymph.baselines.late_fusion import LateFusion, logit_column
-from lymph.errors import LymphError
 from lymph.head.bags import Scaler, check_bags, instances_of
-from lymph.head.estimator import _where, clinical_matrix, labelled_rows
+from lymph.head.estimator import clinical_matrix, labelled_rows
 
 
 def feature_blocks(columns: list[str] | None, dim: int) -> dict[str, np.ndarray]:
@@ -117,11 +117,7 @@ class MultiScoreFusion(BaseEstimator, ClassifierMixin):
 
     def _fit(self, store: Any) -> MultiScoreFusion:
 
-        _check_threshold(self.threshold)
-        if not 0.0 <= self.quantile <= 1.0:
-            raise LymphError(f"quantile: expected a number in [0, 1], got {self.quantile!r}")
-        if not self.Cs or any(float(c) <= 0 for c in self.Cs):
-            raise LymphError(f"Cs: expected positive numbers, got {self.Cs!r}")
+        check_fusion_params(self)
         rows, y = labelled_rows(store)
         self.clinical_columns_ = _need_clinical(store, "MultiScoreFusion")
         check_bags(store, rows)
@@ -141,15 +137,7 @@ class MultiScoreFusion(BaseEstimator, ClassifierMixin):
         return self
 
     def decision_function(self, store: Any) -> np.ndarray:
-        if not hasattr(self, "coef_"):
-            raise LymphError("MultiScoreFusion: not fitted (call fit first)")
-        if store.n_patients == 0:
-            raise LymphError(f"{_where(store)}: no patients to predict (empty selection)")
-        if store.dim != self.dim_:
-            raise LymphError(f"{_where(store)}: /embeddings: expected {self.dim_} features per "
-                             f"image (the model's encoder), got {store.dim}")
-        rows = np.arange(store.n_patients)
-        check_bags(store, rows)
+        rows = check_predict_store(self, store)
         clin = clinical_matrix(store, self.clinical_columns_).astype(np.float64)
         with blas_threads(getattr(self, "n_threads", 1)):
             feats = np.concatenate([clin, self._image_features(store, rows, True)], axis=1)
