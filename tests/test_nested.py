@@ -116,3 +116,56 @@ def test_cli_nested_end_to_end(synth_cache: Path, tmp_path: Path) -> None:
     # the outer folds' stores and scorers are not left behind
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".h5", ".pt")) == [
         "weak.encoder.pt", "weak.h5", "weak.weak-fold0.pt", "weak.weak-fold1.pt"]
+
+
+def test_fold_mean_features_average_the_fold_scorers_only() -> None:
+    from lymph.encoder.weak_folds import fold_mean_features
+
+    f = {0: np.array([[1.0, 0.7], [-2.0, 0.1]], "f4"), 1: np.array([[3.0, 0.9], [0.0, 0.5]], "f4"),
+         -1: np.array([[100.0, 1.0], [100.0, 1.0]], "f4")}  # the final scorer is left out
+    out = fold_mean_features(f)
+    np.testing.assert_allclose(out[:, 0], [2.0, -1.0])
+    np.testing.assert_allclose(out[:, 1], 1 / (1 + np.exp(-np.array([2.0, -1.0]))), rtol=1e-6)
+    with pytest.raises(Exception, match="no fold scorer"):
+        fold_mean_features({-1: f[-1]})
+
+
+def test_nested_scores_test_patients_both_ways_on_the_same_fits(synth_cache: Path) -> None:
+    from lymph.compare import default_models, select_models
+    from lymph.data.cache import open_cache
+    from lymph.nested import nested_compare
+
+    cache = open_cache(synth_cache)
+    store0 = _open_plain(cache, synth_cache.parent)
+    specs = select_models(default_models(store0, optional=True)[0], "logistic,late-fusion")
+    kw = dict(folds=2, repeats=1, seed=0, inner_folds=2, config=_tiny_config())
+    both = nested_compare(cache, specs, test_scoring=("final", "fold-mean"), **kw)
+    only = nested_compare(cache, specs, **kw)
+    assert set(both.models) == {"logistic", "late-fusion", "logistic@fold-mean",
+                                "late-fusion@fold-mean"}
+    assert both.store_info["test_scoring"] == ["final", "fold-mean"]
+    # "final" is exactly the default run; the clinical-only model cannot see the difference
+    np.testing.assert_allclose(both.models["late-fusion"].cv.oof, only.models["late-fusion"].cv.oof)
+    np.testing.assert_allclose(both.models["logistic@fold-mean"].cv.oof,
+                               both.models["logistic"].cv.oof)
+    # the image model's test probabilities change with the scorer (same fitted fusion)
+    a, b = both.models["late-fusion"].cv.oof, both.models["late-fusion@fold-mean"].cv.oof
+    assert np.isfinite(b[np.isfinite(a)]).all() and not np.allclose(a, b, equal_nan=True)
+
+
+def _open_plain(cache, where: Path):
+    from lymph.store import open_store
+
+    return open_store(_plain_store(cache, where))
+
+
+def test_cli_test_scoring_is_checked_before_any_work(bag_store: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["compare-baselines", "--store", str(bag_store), "--nested",
+                                 "--images", str(bag_store), "--test-scoring", "final,median"])
+    assert r.exit_code == 1 and "--test-scoring" in r.output and "fold-mean" in r.output, r.output
+    from lymph.nested import parse_test_scoring
+
+    assert parse_test_scoring(" fold-mean , final") == ("fold-mean", "final")
+    for bad in ("", "final,final", "median"):
+        with pytest.raises(Exception, match="test_scoring"):
+            parse_test_scoring(bad)

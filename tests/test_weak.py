@@ -262,3 +262,83 @@ def test_embed_options(synth_cache: Path, tmp_path: Path) -> None:
     with pytest.raises(LymphError, match="50-fold stratified CV needs at least 50"):
         run_embed(out=tmp_path / "x.h5", images=synth_cache, method="weak", folds=50,
                   epochs=1, progress=False)
+
+
+def test_cosine_schedule_decays_to_zero_and_is_checked() -> None:
+    from lymph.encoder.train import TrainConfig
+
+    c = TrainConfig(epochs=4, lr=1e-3, lr_schedule="cosine")
+    c.check()
+    assert c.lr_at(0, 0, 10) == pytest.approx(1e-3)
+    assert c.lr_at(2, 0, 10) == pytest.approx(5e-4)
+    assert c.lr_at(3, 9, 10) < 1e-5
+    lrs = [c.lr_at(e, s, 10) for e in range(4) for s in range(10)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # strictly decreasing
+    assert TrainConfig(lr=2e-3).lr_at(3, 9, 10) == 2e-3  # constant: the default
+    with pytest.raises(LymphError, match="lr_schedule: expected constant or cosine"):
+        TrainConfig(lr_schedule="step").check()
+
+
+def test_cosine_training_ends_near_zero_rate(synth_cache: Path, tmp_path: Path) -> None:
+    from lymph.data.cache import open_cache
+    from lymph.encoder.checkpoint import load_checkpoint
+    from lymph.encoder.train import TrainConfig
+    from lymph.encoder.weak_folds import image_targets
+    from lymph.encoder.train import train
+
+    c = open_cache(synth_cache)
+    labelled = np.flatnonzero(c.labels >= 0)
+    rows, targets = image_targets(c.patient_ptr, c.labels, labelled)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-3, seed=0, lr_schedule="cosine")
+    train(c, tmp_path / "s.pt", method="weak", config=cfg, rows=rows, targets=targets,
+          progress=False)
+    ck = load_checkpoint(tmp_path / "s.pt")
+    last = ck["optimizer"]["param_groups"][0]["lr"]
+    assert 0 < last < 0.05 * cfg.lr  # the last step's rate, near the end of the cosine
+    assert ck["train_config"]["lr_schedule"] == "cosine"
+
+
+def test_dihedral_averaging_is_invariant_to_rotations_and_flips() -> None:
+    import torch
+
+    from lymph.encoder.methods.weak import METHOD, CellScorer, WeakConfig, dihedral_mean
+
+    torch.manual_seed(0)
+    model = CellScorer(WeakConfig(size=32, tta=True)).eval()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        a = dihedral_mean(model, x)
+        for y in (torch.rot90(x, 1, dims=(2, 3)), torch.flip(x, dims=(3,)),
+                  torch.flip(torch.rot90(x, 3, dims=(2, 3)), dims=(2,))):
+            torch.testing.assert_close(dihedral_mean(model, y), a, rtol=1e-4, atol=1e-5)
+        plain = model(x)
+        assert not torch.allclose(plain, a)  # one view is not the mean of eight
+        f = METHOD.features(model, x)
+        torch.testing.assert_close(f[:, 0], a)  # calibration is the identity until fitted
+        model.config.tta = False
+        torch.testing.assert_close(METHOD.features(model, x)[:, 0], plain)
+
+
+def test_embed_tta_and_cosine_reach_the_checkpoints(synth_cache: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lymph.cli import app
+    from lymph.encoder.checkpoint import load_checkpoint
+    from lymph.store import open_store
+
+    out = tmp_path / "w.h5"
+    r = CliRunner().invoke(app, ["embed", "--method", "weak", "--images", str(synth_cache),
+                                 "--out", str(out), "--folds", "2", "--epochs", "1",
+                                 "--tta", "--lr-schedule", "cosine"])
+    assert r.exit_code == 0, r.output
+    for ck in (load_checkpoint(out.with_name("w.encoder.pt")),
+               load_checkpoint(out.with_name("w.weak-fold1.pt"))):
+        assert ck["model_config"]["tta"] is True
+        assert ck["train_config"]["lr_schedule"] == "cosine"
+    assert open_store(out).provenance["config"]["model_config"]["tta"] is True
+    for args, msg in ((["--method", "ae", "--tta"], "--tta: only for training method weak"),
+                      (["--method", "weak", "--lr-schedule", "linear"], "--lr-schedule: expected")):
+        r = CliRunner().invoke(app, ["embed", "--images", str(synth_cache),
+                                     "--out", str(tmp_path / "x.h5"), *args])
+        assert r.exit_code == 1 and msg in r.output, r.output
+    assert not (tmp_path / "x.h5").exists()

@@ -238,6 +238,8 @@ def embed(
     cache: Annotated[Optional[Path], typer.Option(help="Where --data is ingested (default: beside the store).")] = None,
     crop: Annotated[Optional[int], typer.Option(help="Centre crop (source pixels) when ingesting --data (default: the method's; weak: 112).")] = None,
     folds: Annotated[Optional[int], typer.Option(help="--method weak: K fold scorers, each labelled patient scored by the one that did not train on it (default 5).")] = None,
+    lr_schedule: Annotated[Optional[str], typer.Option("--lr-schedule", help="constant (default) or cosine (the rate decays to 0 over the epochs).")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="--method weak: each cell's score is the mean over its 8 rotations / flips (8x the embedding time).")] = False,
 ) -> None:
     """Train the stage-one encoder (unless --encoder) and embed every image into the store.
 
@@ -251,6 +253,8 @@ def embed(
     check_device("--device", device)
     if encoder is None:  # with --encoder the checkpoint's method is used
         check_method(method, "--method")
+    if lr_schedule is not None and lr_schedule not in ("constant", "cosine"):
+        raise LymphError(f"--lr-schedule: expected constant or cosine, got {lr_schedule!r}")
     if out.suffix.lower() in (".h5", ".hdf5"):
         stem = out.with_name(out.stem)
         outs: dict[str, tuple[Any, str]] = {"--out": (out, "store")}
@@ -264,7 +268,8 @@ def embed(
 
     s = run_embed(out=out, data=data, images=images, method=method, dim=dim, epochs=epochs,
                   batch_size=batch_size, lr=lr, seed=seed, device=device, encoder=encoder,
-                  resume=resume, size=size, cache=cache, crop=crop, folds=folds)
+                  resume=resume, size=size, cache=cache, crop=crop, folds=folds,
+                  lr_schedule=lr_schedule, tta=tta)
     if not s.is_main:
         return
     if data is not None:
@@ -518,11 +523,15 @@ def compare_baselines(
     allow_in_sample: Annotated[bool, typer.Option("--allow-in-sample", help="Run on a store whose labelled patients were scored by a label-trained encoder that trained on them (refused otherwise); every output is marked IN-SAMPLE.")] = False,
     nested: Annotated[bool, typer.Option("--nested", help="Weak stores: retrain stage one inside every outer fold on its training patients only (needs --images: the cache the store was made from; one stage-one run per fold). Writes --json only.")] = False,
     inner_folds: Annotated[int, typer.Option("--inner-folds", help="With --nested: stage one's own folds inside each outer training set.")] = 5,
+    test_scoring: Annotated[str, typer.Option("--test-scoring", help="With --nested: how outer test patients are scored, final (the scorer trained on all training patients, as `predict` does) and/or fold-mean (mean of the inner fold scorers), comma-separated; fold-mean results are named MODEL@fold-mean.")] = "final",
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
     check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1),
                   jobs=(jobs, "int", 1), inner_folds=(inner_folds, "int", 2))
     if nested:
+        from lymph.nested import parse_test_scoring
+
+        scorings = parse_test_scoring(test_scoring)
         if images is None:
             raise LymphError("--nested: expected --images CACHE (the image cache the weak store "
                              "was made from)")
@@ -536,7 +545,7 @@ def compare_baselines(
         with progress_bar("compare-baselines --nested", folds * repeats) as update:
             res, outputs = run_nested(store, images, folds=folds, repeats=repeats, seed=seed,
                                       inner_folds=inner_folds, models=models, json_path=json_out,
-                                      progress=lambda n, d, t: update())
+                                      test_scoring=scorings, progress=lambda n, d, t: update())
         print_comparison(res)
         for note in res.notes:
             typer.echo(f"note: {note}")

@@ -38,6 +38,20 @@ import numpy as np
 from lymph.errors import LymphError
 
 
+#: how outer test patients may be scored (see :func:`nested_compare`)
+TEST_SCORING = ("final", "fold-mean")
+
+
+def parse_test_scoring(text: str) -> tuple[str, ...]:
+    """``"final,fold-mean"`` -> ``("final", "fold-mean")``; refuses anything else."""
+    items = tuple(t.strip() for t in str(text).split(",") if t.strip())
+    bad = [t for t in items if t not in TEST_SCORING]
+    if bad or not items or len(set(items)) != len(items):
+        raise LymphError(f"test_scoring: expected a comma-separated subset of "
+                         f"{', '.join(TEST_SCORING)}, got {text!r}")
+    return items
+
+
 def masked_cache(cache: Any, hide: np.ndarray) -> Any:
     """A shallow copy of the image cache whose patients ``hide`` (row indices) are unlabelled
     (label -1); pixels and everything else are shared."""
@@ -50,34 +64,50 @@ def masked_cache(cache: Any, hide: np.ndarray) -> Any:
 def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeats: int = 1,
                    seed: int = 0, inner_folds: int = 5, config: Any = None,
                    model_config: Any = None, workdir: str | Path | None = None,
+                   test_scoring: tuple[str, ...] = ("final",),
                    progress: Callable[[str, int, int], None] | None = None) -> Any:
     """Cross-validate ``models`` (``lymph.compare.ModelSpec``) with stage one (the weak
     scorer) retrained inside every outer fold; returns a
-    :class:`lymph.compare.ComparisonResult` (notes say it is nested, and its cost)."""
+    :class:`lymph.compare.ComparisonResult` (notes say it is nested, and its cost).
+
+    ``test_scoring``: how the outer test patients (new patients to stage one) are scored:
+    ``"final"`` by the scorer trained on all outer training patients (what ``lymph predict``
+    does), ``"fold-mean"`` by the mean calibrated logit of the inner fold scorers (the way
+    the training patients' scores were made, by scorers of the same size). With both, every
+    model is fitted once and scored both ways; the fold-mean results are named
+    ``<model>@fold-mean``, on the same folds, so the two are paired.
+    """
     from lymph.compare import ComparisonResult, ModelResult, _params, paired_comparisons
-    from lymph.encoder.weak_folds import run_weak
+    from lymph.encoder.weak_folds import fold_mean_features, run_weak
+    from lymph.store import bag_rows
     from lymph.head.evaluate import CVResult, FoldResult, make_folds, metrics, summarise
     from lymph.store import open_store
 
+    bad = [t for t in test_scoring if t not in TEST_SCORING]
+    if bad or not test_scoring:
+        raise LymphError(f"test_scoring: expected some of {', '.join(TEST_SCORING)}, got "
+                         f"{', '.join(map(str, test_scoring)) or 'none'}")
     labels = np.asarray(cache.labels)
     if (labels >= 0).sum() == 0:
         raise LymphError(f"{cache.path}: no labelled patients (empty selection)")
     fold_list = make_folds(labels, folds, repeats, seed)
     n = len(labels)
     ids = np.asarray(cache.ids, dtype=object)
-    per_model: dict[str, list[FoldResult]] = {m: [] for m in models}
-    oof = {m: np.full((repeats, n), np.nan) for m in models}
-    oof_t = {m: np.full((repeats, n), np.nan) for m in models}
-    oof_f = {m: np.full((repeats, n), -1, dtype=np.int64) for m in models}
-    secs = {m: 0.0 for m in models}
+    names = {(m, t): m if t == "final" else f"{m}@{t}" for m in models for t in test_scoring}
+    per_model: dict[str, list[FoldResult]] = {m: [] for m in names.values()}
+    oof = {m: np.full((repeats, n), np.nan) for m in per_model}
+    oof_t = {m: np.full((repeats, n), np.nan) for m in per_model}
+    oof_f = {m: np.full((repeats, n), -1, dtype=np.int64) for m in per_model}
+    secs = {m: 0.0 for m in per_model}
     t0 = time.perf_counter()
     stage_one_s = 0.0
     with tempfile.TemporaryDirectory(prefix="lymph-nested-", dir=workdir) as td:
         for j, (r, k, tr, te) in enumerate(fold_list):
             out = Path(td) / f"outer-r{r}-k{k}.h5"
             t1 = time.perf_counter()
-            run_weak(masked_cache(cache, te), out, folds=inner_folds, seed=seed + 1000 * r + k,
-                     config=config, model_config=model_config, progress=False)
+            weak = run_weak(masked_cache(cache, te), out, folds=inner_folds,
+                            seed=seed + 1000 * r + k, config=config, model_config=model_config,
+                            progress=False)
             stage_one_s += time.perf_counter() - t1
             s = open_store(out)
             seen = set((s.provenance.get("weak_folds") or {}).get("final", {}).get("train_ids", []))
@@ -85,23 +115,34 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
                 raise LymphError("nested evaluation: an outer test patient was in stage one's "
                                  "training set")
             s = replace(s, labels=labels.astype(s.labels.dtype))  # the test labels, for scoring
-            train, test = s.subset(tr), s.subset(te)
-            for name, spec in models.items():
+            train = s.subset(tr)
+            tests = {"final": s.subset(te)}
+            if "fold-mean" in test_scoring:  # the test patients' cells by the inner fold scorers
+                emb = s.embeddings.copy()
+                cells = bag_rows(s.patient_ptr, te)[0]
+                emb[cells] = fold_mean_features(weak.features)[cells]
+                tests["fold-mean"] = replace(s, embeddings=emb).subset(te)
+            for m, spec in models.items():
                 t2 = time.perf_counter()
                 est = spec.make().fit(train)
-                p = np.asarray(est.predict_proba(test))[:, 1]
-                thr = float(getattr(est, "threshold_", 0.5))
-                dt = time.perf_counter() - t2
-                secs[name] += dt
-                per_model[name].append(FoldResult(r, k, tr, te, thr,
-                                                  metrics(labels[te].astype(np.int64), p, thr), dt))
-                oof[name][r, te], oof_t[name][r, te], oof_f[name][r, te] = p, thr, k
+                fit_s = time.perf_counter() - t2
+                for t in test_scoring:
+                    t3 = time.perf_counter()
+                    p = np.asarray(est.predict_proba(tests[t]))[:, 1]
+                    thr = float(getattr(est, "threshold_", 0.5))
+                    dt = fit_s + time.perf_counter() - t3
+                    name = names[(m, t)]
+                    secs[name] += dt
+                    per_model[name].append(FoldResult(
+                        r, k, tr, te, thr, metrics(labels[te].astype(np.int64), p, thr), dt))
+                    oof[name][r, te], oof_t[name][r, te], oof_f[name][r, te] = p, thr, k
             if progress is not None:
                 progress("outer fold", j + 1, len(fold_list))
             for f in Path(td).iterdir():  # the outer fold's store and scorers are not kept
                 f.unlink()
     results = {}
-    for name, spec in models.items():
+    for (m, _t), name in names.items():
+        spec = models[m]
         cv = CVResult(ids=ids, labels=labels, folds=per_model[name], oof=oof[name],
                       oof_threshold=oof_t[name], oof_fold=oof_f[name], seconds=secs[name])
         results[name] = ModelResult(name, spec, cv, summarise(cv), _params(spec.make()))
@@ -109,7 +150,8 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
         models=results, folds=fold_list, n_folds=folds, repeats=repeats, seed=seed,
         n_patients=int((labels >= 0).sum()), seconds=time.perf_counter() - t0,
         store_info={"path": None, "fingerprint": None, "method": "weak", "nested": True,
-                    "inner_folds": inner_folds, "stage_one_seconds": round(stage_one_s, 3),
+                    "inner_folds": inner_folds, "test_scoring": list(test_scoring),
+                    "stage_one_seconds": round(stage_one_s, 3),
                     "scorers_trained": len(fold_list) * (inner_folds + 1)},
         ids=ids)
     res.notes.append(f"nested: stage one retrained in each of the {len(fold_list)} outer folds "
@@ -121,7 +163,7 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
 
 def run_nested(store: str | Path, images: str | Path, *, folds: int = 5, repeats: int = 1,
                seed: int = 0, inner_folds: int = 5, models: str | list[str] | None = None,
-               json_path: str | Path | None = None,
+               json_path: str | Path | None = None, test_scoring: tuple[str, ...] = ("final",),
                progress: Callable[[str, int, int], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """``compare-baselines --nested``: retrain the weak store's stage one (its recorded model
     and training settings) inside each outer fold, on the image cache ``images`` it was
@@ -157,7 +199,7 @@ def run_nested(store: str | Path, images: str | Path, *, folds: int = 5, repeats
     specs = select_models(specs, models)
     res = nested_compare(cache, specs, folds=folds, repeats=repeats, seed=seed,
                          inner_folds=inner_folds, config=config, model_config=model_config,
-                         progress=progress)
+                         test_scoring=test_scoring, progress=progress)
     res.notes[:0] = notes
     res.store_info.update(path=str(store), fingerprint=s.fingerprint)
     outputs: dict[str, Any] = {}

@@ -60,13 +60,17 @@ def run_embed(
     progress: bool = True,
     crop: int | None = None,
     folds: int | None = None,
+    lr_schedule: str | None = None,
+    tta: bool = False,
 ) -> EmbedSummary:
     """What ``lymph embed`` does: get the cache (ingesting ``data`` if given), train the
     encoder unless ``encoder`` is given, then embed every image into the store ``out``.
 
     ``size`` / ``crop`` (ingesting ``data``) default to the method's ``default_size`` /
     ``default_crop`` (112 px, whole image, when it declares none). Label-trained methods
-    (``weak``) train ``folds`` fold scorers and a final one (:mod:`lymph.encoder.weak_folds`)."""
+    (``weak``) train ``folds`` fold scorers and a final one (:mod:`lymph.encoder.weak_folds`).
+    ``lr_schedule`` (``constant`` or ``cosine``) overrides the method's; ``tta`` (weak only)
+    averages each cell's logit over its 8 rotations / flips."""
     out = Path(out)
     # under torchrun every check below runs inside the process group, so that an error
     # that every rank meets is printed once (D.fail) and one that a single rank meets (a
@@ -76,7 +80,8 @@ def run_embed(
         return _run_embed(env, out=out, data=data, images=images, method=method, dim=dim,
                           epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           device=device, encoder=encoder, resume=resume, size=size,
-                          cache=cache, progress=progress, crop=crop, folds=folds)
+                          cache=cache, progress=progress, crop=crop, folds=folds,
+                          lr_schedule=lr_schedule, tta=tta)
     except BaseException as e:  # tell the other ranks (or stop quietly if one failed first)
         err = D.fail(env, e)
         if err is e:
@@ -97,7 +102,8 @@ def _run_embed(env: D.DistEnv, *, out: Path, data: str | Path | None, images: st
                method: str, dim: int | None, epochs: int | None, batch_size: int | None,
                lr: float | None, seed: int, device: str, encoder: str | Path | None,
                resume: bool, size: int | None, cache: str | Path | None, progress: bool,
-               crop: int | None, folds: int | None) -> EmbedSummary:
+               crop: int | None, folds: int | None, lr_schedule: str | None = None,
+               tta: bool = False) -> EmbedSummary:
     if (data is None) == (images is None):
         raise LymphError("give exactly one of `data` DATA_DIR or `images` CACHE.zarr")
     if cache is not None and data is None:
@@ -107,12 +113,22 @@ def _run_embed(env: D.DistEnv, *, out: Path, data: str | Path | None, images: st
     if out.suffix.lower() not in (".h5", ".hdf5"):
         raise LymphError(f"`out` {out}: expected an HDF5 store path ending in .h5")
     check_method(method)  # unknown names fail early
+    if lr_schedule is not None:
+        from lymph.encoder.train import LR_SCHEDULES
+
+        if lr_schedule not in LR_SCHEDULES:
+            raise LymphError(f"lr_schedule: expected {' or '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
+        if encoder is not None:
+            raise LymphError("`lr_schedule` sets a training; with `encoder` nothing is trained")
+    if tta and (method != "weak" or encoder is not None):
+        raise LymphError(f"`tta`: only for training method weak (the cell scorer), not "
+                         f"{'an existing encoder' if encoder is not None else 'method ' + method}")
     # rank 0 reads the checkpoint (the other ranks get its settings, and later its weights)
     enc = D.main_decides(env, lambda: _encoder_settings(encoder)) if encoder is not None else None
     if is_combination(method) or (enc is not None and is_combination(enc["method"])):
-        if folds is not None:
-            raise LymphError(f"folds: only for methods trained from labels, not a combination "
-                             f"({method})")
+        if folds is not None or lr_schedule is not None:
+            raise LymphError(f"{'folds' if folds is not None else 'lr_schedule'}: not for a "
+                             f"combination ({method}); train its parts separately")
         return run_combination(out=out, data=data, images=images, method=method,
                                encoder=encoder, device=device, size=size, crop=crop,
                                cache=cache, progress=progress, dim=dim, epochs=epochs,
@@ -139,10 +155,10 @@ def _run_embed(env: D.DistEnv, *, out: Path, data: str | Path | None, images: st
         return summary
     if encoder is None and spec.needs_labels:
         return _weak(c, out, folds or 5, seed, epochs, batch_size, lr, resume, env,
-                     progress, summary)
+                     progress, summary, lr_schedule=lr_schedule, tta=tta)
     if encoder is None:
         encoder = _train(c, out, method, dim, epochs, batch_size, lr, seed, resume, env,
-                         progress, summary)
+                         progress, summary, lr_schedule=lr_schedule)
     else:
         summary.checkpoint = Path(encoder)
     t0 = time.perf_counter()
@@ -180,7 +196,8 @@ def _get_cache(env: D.DistEnv, out: Path, data: str | Path | None, images: str |
 
 def _train(c: ImageCache, out: Path, method: str, dim: int | None, epochs: int | None,
            batch_size: int | None, lr: float | None, seed: int, resume: bool,
-           env: D.DistEnv, progress: bool, summary: EmbedSummary) -> Path:
+           env: D.DistEnv, progress: bool, summary: EmbedSummary,
+           lr_schedule: str | None = None) -> Path:
     """Train the method's encoder on ``c``; its checkpoint path."""
     from lymph.encoder.registry import get_method
     from lymph.encoder.train import TrainConfig, train
@@ -196,6 +213,8 @@ def _train(c: ImageCache, out: Path, method: str, dim: int | None, epochs: int |
         tcfg.batch_size = batch_size
     if lr is not None:
         tcfg.lr = lr
+    if lr_schedule is not None:
+        tcfg.lr_schedule = lr_schedule
     ckp = checkpoint_path(out)
     res = train(c, ckp, method=method, model_config=mcfg, config=tcfg, resume=resume,
                 env=env, progress=progress, loss_curve=loss_curve_path(out))
@@ -207,16 +226,19 @@ def _train(c: ImageCache, out: Path, method: str, dim: int | None, epochs: int |
 
 def _weak(c: ImageCache, out: Path, folds: int, seed: int, epochs: int | None,
           batch_size: int | None, lr: float | None, resume: bool, env: D.DistEnv,
-          progress: bool, summary: EmbedSummary) -> EmbedSummary:
+          progress: bool, summary: EmbedSummary, lr_schedule: str | None = None,
+          tta: bool = False) -> EmbedSummary:
     """``--method weak``: K fold scorers + the final scorer, fold-safe store."""
+    from lymph.encoder.methods.weak import WeakConfig
     from lymph.encoder.weak_folds import default_train_config, run_weak
 
     tcfg = default_train_config(seed)
-    for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr)):
+    for k, v in (("epochs", epochs), ("batch_size", batch_size), ("lr", lr),
+                 ("lr_schedule", lr_schedule)):
         if v is not None:
             setattr(tcfg, k, v)
     w = run_weak(c, out, folds=folds, seed=seed, config=tcfg, env=env, resume=resume,
-                 progress=progress)
+                 progress=progress, model_config=WeakConfig(size=c.size, tta=tta))
     final = w.losses.get("final", [])
     summary.checkpoint, summary.losses, summary.trained_epochs = w.final_checkpoint, final, tcfg.epochs
     summary.train_seconds, summary.train_images_per_s = w.train_seconds, w.images_per_s

@@ -23,6 +23,7 @@ decided on rank 0, which hands its state to the others; only rank 0 writes the c
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16
     buffer_chunks: int = 4  # shuffle buffer, in cache chunks (4 x 256 images, ~38 MB at 112 px)
     weight_decay: float = 0.0
+    #: ``constant``, or ``cosine``: the rate decays per step from ``lr`` to 0 over ``epochs``
+    lr_schedule: str = "constant"
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -88,10 +91,22 @@ class TrainConfig:
             raise LymphError(f"lr: expected a positive learning rate, got {self.lr}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise LymphError(f"precision: expected auto, fp32 or bf16, got {self.precision!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise LymphError(f"lr_schedule: expected {' or '.join(LR_SCHEDULES)}, got "
+                             f"{self.lr_schedule!r}")
+
+    def lr_at(self, epoch: int, step: int, steps: int) -> float:
+        """The learning rate of ``step`` (0-based) of ``epoch`` (0-based), ``steps`` a epoch."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        t = (epoch * steps + step) / max(self.epochs * steps, 1)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
+LR_SCHEDULES = ("constant", "cosine")
 
 #: TrainConfig fields that may change when resuming (the rest must match the checkpoint)
 RESUMABLE_CHANGES = ("epochs", "precision", "buffer_chunks")
@@ -351,6 +366,9 @@ def _run_epoch(m: Any, net: torch.nn.Module, opt: torch.optim.Optimizer, feeder:
         for step, (px, tg, weight) in enumerate(feeder):
             batch = px.to(dev, non_blocking=True)
             tg = None if tg is None else tg.to(dev, non_blocking=True)
+            if config.lr_schedule != "constant":
+                for g in opt.param_groups:
+                    g["lr"] = config.lr_at(epoch, step, feeder.plan.steps)
             loss = train_step(m, net, opt, batch, prep, amp, tg, weight)
             n = batch.shape[0] if weight > 0 else 0  # a weight-0 stand-in: not seen
             loss_sum += loss.detach() * n
@@ -399,7 +417,8 @@ def _check_resumable(ck: dict[str, Any], path: Path, method: str, model_config: 
         raise refuse("model settings", ck["model_config"], model_config.to_dict())
     if ck["data_fingerprint"] != cache.fingerprint:
         raise refuse("data fingerprint", ck["data_fingerprint"][:12], cache.fingerprint[:12])
-    old = {k: v for k, v in ck.get("train_config", {}).items() if k not in RESUMABLE_CHANGES}
+    old = {"lr_schedule": "constant",  # checkpoints from before the setting existed
+           **{k: v for k, v in ck.get("train_config", {}).items() if k not in RESUMABLE_CHANGES}}
     new = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
     for k in sorted(set(old) | set(new)):
         if old.get(k) != new.get(k):

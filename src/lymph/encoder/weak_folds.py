@@ -99,6 +99,9 @@ class WeakSummary:
     losses: dict[str, list[float]] = field(default_factory=dict)
     oof: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: every scorer's calibrated per-cell features ``(n_images, 2)`` for every image, by
+    #: scorer id (``k``, ``-1`` final): what :func:`fold_mean_features` averages
+    features: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
@@ -157,6 +160,7 @@ def run_weak(cache: Any, out: str | Path, *, folds: int = 5, seed: int = 0,
             if f is not None:
                 feats[k] = f
         summary.embed_seconds = time.perf_counter() - t0
+        summary.features = feats
         if env.is_main:
             summary.store = _write(cache, out, fold_list, scorers, feats, folds, seed, labels,
                                    ids, sha256_file, summary)
@@ -202,6 +206,18 @@ def calibrate(path: Path, cache: Any, rows: np.ndarray, targets: np.ndarray, env
         save_checkpoint(path, {k: v for k, v in ck.items() if k not in ("format", "version")})
     D.barrier(env)
     return out
+
+
+def fold_mean_features(features: dict[int, np.ndarray]) -> np.ndarray:
+    """Per-cell features from the mean of the fold scorers (``k >= 0``): the mean calibrated
+    logit and its sigmoid. The alternative to the final scorer for patients no scorer saw
+    (issue 18: score new patients the way training patients were; ``docs/weak-supervision.md``
+    says which one is used and what the difference measured)."""
+    folds = [f for k, f in sorted(features.items()) if k >= 0]
+    if not folds:
+        raise LymphError("weak scorer: no fold scorer features to average")
+    logit = np.mean([f[:, 0].astype(np.float64) for f in folds], axis=0)
+    return np.stack([logit, 1.0 / (1.0 + np.exp(-logit))], axis=1).astype(np.float32)
 
 
 def default_train_config(seed: int = 0) -> TrainConfig:

@@ -42,6 +42,10 @@ class WeakConfig:
     channels: tuple[int, ...] = (16, 32, 64, 64)
     dropout: float = 0.2
     stem_stride: int = 2  # 1: conv at full resolution then max pool (1.8x slower)
+    #: test-time dihedral averaging: a cell's logit is the mean over its 8 rotations / flips
+    #: (8x the embedding cost, none in training); kept in the checkpoint, so calibration,
+    #: the store and new patients all use it
+    tta: bool = False
 
     def check(self) -> None:
         if self.dim != len(FEATURE_COLUMNS):
@@ -117,8 +121,19 @@ class WeakMethod:
         return (w * bce).mean()
 
     def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        logit = model(x).float() * model.cal_scale + model.cal_shift  # calibrated
+        raw = dihedral_mean(model, x) if getattr(model.config, "tta", False) else model(x).float()
+        logit = raw * model.cal_scale + model.cal_shift  # calibrated
         return torch.stack([logit, torch.sigmoid(logit)], dim=1)  # (B, 2): logit, prob
+
+
+def dihedral_mean(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The mean raw logit over the 8 rotations by 90 degrees and flips of ``x (B, C, S, S)``."""
+    total = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    for flip in (False, True):
+        v = torch.flip(x, dims=(3,)) if flip else x
+        for k in range(4):
+            total += model(torch.rot90(v, k, dims=(2, 3)) if k else v).float()
+    return total / 8.0
 
 
 METHOD = WeakMethod()
