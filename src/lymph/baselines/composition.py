@@ -23,9 +23,9 @@ wins (ties to the smaller ``K``, then the smaller ``C``), and the threshold come
 out-of-fold probabilities. k-means is *not* refitted per inner fold: it reads no labels, so
 centres fitted on every fit patient's cells carry nothing of an inner validation patient's
 label, and nothing at all of the outer test fold (the choice stays nested w.r.t. it);
-refitting would cost ``inner_folds`` times more k-means fits (15 instead of 3) for the
-small unsupervised advantage of having seen the inner validation cells, which is the same
-for every ``K``. Without inner folds (a class with fewer than 2 fit patients) the grid's
+refitting would cost ``inner_folds`` times more k-means fits (15 instead of 3) to remove
+only an unsupervised advantage (centres that saw the inner validation patients' cells, not
+their labels; the fusion scaler is fitted the same way). Without inner folds (a class with fewer than 2 fit patients) the grid's
 middle ``K`` is used. The chosen ``K`` is ``n_prototypes_``, each ``K``'s best inner loss
 ``prototype_losses_``; :meth:`fold_info` puts both into the comparison's per-fold rows.
 
