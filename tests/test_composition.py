@@ -170,18 +170,28 @@ def test_compare_records_the_chosen_k_per_fold(tmp_path: Path) -> None:
 
 
 # ---- saved composition models (fit-head --fusion composition, predict) -----------------------
-def _saved(tmp_path: Path) -> tuple[EmbeddingStore, CompositionFusion, Path]:
+@pytest.fixture(scope="module")
+def _fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple[EmbeddingStore, CompositionFusion, Path]:
+    """One composition model fitted and saved for the module (tests copy the directory)."""
     from lymph.head.modeldir import save_model
 
     s = _composition_store(n=40)
     est = CompositionFusion(seed=0, inner_folds=3).fit(s)
-    return s, est, save_model(est, tmp_path / "model", store=s)
+    return s, est, save_model(est, tmp_path_factory.mktemp("saved") / "model", store=s)
 
 
-def test_saved_composition_model_predicts_the_same(tmp_path: Path) -> None:
+@pytest.fixture
+def saved(_fitted: tuple, tmp_path: Path) -> tuple[EmbeddingStore, CompositionFusion, Path]:
+    import shutil
+
+    s, est, path = _fitted
+    return s, est, Path(shutil.copytree(path, tmp_path / "model"))
+
+
+def test_saved_composition_model_predicts_the_same(saved: tuple) -> None:
     from lymph.head.modeldir import load_model
 
-    s, est, path = _saved(tmp_path)
+    s, est, path = saved
     meta = json.loads((path / "model.json").read_text())
     assert meta["estimator"] == "CompositionFusion" and meta["fusion"] == "composition"
     state = meta["composition"]
@@ -220,11 +230,11 @@ def _corrupt(state: dict, what: str) -> None:
     ("K off the grid", "composition.n_prototypes"), ("C", "composition.C"),
     ("threshold", "composition.threshold"), ("unknown param", "composition.params"),
     ("missing", "composition.instance_scaler")])
-def test_corrupted_composition_model_is_refused(tmp_path: Path, what: str, field: str) -> None:
+def test_corrupted_composition_model_is_refused(saved: tuple, what: str, field: str) -> None:
     from lymph.errors import LymphError
     from lymph.head.modeldir import load_model
 
-    _, _, path = _saved(tmp_path)
+    _, _, path = saved
     mj = path / "model.json"
     meta = json.loads(mj.read_text())
     _corrupt(meta["composition"], what)
@@ -234,11 +244,11 @@ def test_corrupted_composition_model_is_refused(tmp_path: Path, what: str, field
     assert str(mj) in str(e.value) and f"'{field}'" in str(e.value), str(e.value)
 
 
-def test_nan_in_a_saved_composition_model_is_refused(tmp_path: Path) -> None:
+def test_nan_in_a_saved_composition_model_is_refused(saved: tuple) -> None:
     from lymph.errors import LymphError
     from lymph.head.modeldir import load_model
 
-    _, _, path = _saved(tmp_path)
+    _, _, path = saved
     mj = path / "model.json"
     mj.write_text(json.dumps(_with_nan(json.loads(mj.read_text()))))
     with pytest.raises(LymphError, match="NaN or infinity"):
