@@ -378,7 +378,7 @@ def fit_head(
     batch_size: Annotated[int, typer.Option(help="Patients per step.")] = 32,
     attention_hidden: Annotated[int, typer.Option(help="Attention hidden size.")] = 128,
     threads: Annotated[int, typer.Option(help="Torch threads (1 is fastest for this small head).")] = 1,
-    fusion: Annotated[str, typer.Option(help="concat (pooled images + clinical -> MLP) or late (pooled image score + clinical -> logistic regression; ignores the MLP options).")] = "concat",
+    fusion: Annotated[str, typer.Option(help="concat (pooled images + clinical -> MLP), late (pooled image score + clinical -> logistic regression) or composition (per-patient proportions of k-means cell prototypes + clinical -> logistic regression); late and composition ignore the MLP options.")] = "concat",
     members: Annotated[str, typer.Option(help="'auto' (an inner-CV ensemble of 5 heads below 1000 fit patients, else one head) or a number of heads (1 = one head on an inner split).")] = "auto",
     jobs: Annotated[int, typer.Option(help="Folds run in this many processes (same results for a seed; e.g. the number of cores).")] = 1,
     allow_in_sample: Annotated[bool, typer.Option("--allow-in-sample", help="Run on a store whose labelled patients were scored by a label-trained encoder that trained on them (refused otherwise); the metrics JSON is marked IN-SAMPLE.")] = False,

@@ -137,7 +137,7 @@ def _bag_stats_forest(seed: int, pooling: str | None) -> Any:
     return BagStatsForest(seed=seed)
 
 
-def _composition(k: int, clinical: bool) -> Callable[[int, str | None], Any]:
+def _composition(k: int | str, clinical: bool) -> Callable[[int, str | None], Any]:
     def build(seed: int, pooling: str | None) -> Any:
         from lymph.baselines.composition import CompositionFusion
 
@@ -178,15 +178,18 @@ register_model(ModelEntry("late-fusion", IMAGES_CLINICAL, f"{_HERE}:_late_fusion
 register_model(ModelEntry("bag-stats-forest", IMAGES_CLINICAL, f"{_HERE}:_bag_stats_forest", None,
                           "random forest (500 trees) on per-bag [mean, max, min] (+ clinical "
                           "columns)", clinical_optional=True))
-# issue 18: cell composition (k-means prototypes fitted in each training fold) and several
-# image scores; all but composition+clinical are opt-in
-for _name, _k, _clin, _opt in (("composition+clinical", 8, True, False),
+# issue 18: cell composition (k-means prototypes fitted in each training fold, K chosen with C
+# by inner CV from 4, 8, 16) and several image scores; all but composition+clinical are opt-in
+for _name, _k, _clin, _opt in (("composition+clinical", "auto", True, False),
                                ("composition4+clinical", 4, True, True),
+                               ("composition8+clinical", 8, True, True),
                                ("composition16+clinical", 16, True, True),
-                               ("composition-images-only", 8, False, True)):
+                               ("composition-images-only", "auto", False, True)):
     register_model(ModelEntry(
         _name, IMAGES_CLINICAL if _clin else IMAGES, _composition(_k, _clin), None,
-        f"cell composition: log proportions of {_k} k-means prototypes"
+        "cell composition: log proportions of "
+        + ("K k-means prototypes (K of 4, 8, 16 chosen by inner CV)" if _k == "auto"
+           else f"{_k} k-means prototypes")
         + (" + clinical, logistic" if _clin else ", logistic (no clinical)"), optional=_opt))
 register_model(ModelEntry("multi-score+clinical", IMAGES_CLINICAL, f"{_HERE}:_multi_score", None,
                           "late fusion with one pooled score per feature block of a "

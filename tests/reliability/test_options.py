@@ -149,4 +149,4 @@ def test_early_name_checks_read_the_registries() -> None:
     methods, poolings, fusions = out.stdout.split()
     assert methods == "ae,contrastive,morphometry,weak"
     assert tuple(poolings.split(",")) == tuple(POOLINGS)
-    assert fusions == "concat,late"
+    assert fusions == "concat,late,composition"

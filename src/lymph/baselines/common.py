@@ -96,21 +96,40 @@ def fit_fusion_logistic(z: np.ndarray, y: np.ndarray, Cs: Any, inner: list,
     chosen among ``Cs`` by inner-CV log loss (the last when there are no inner folds, or one
     ``C`` and a fixed threshold), the threshold from that ``C``'s out-of-fold probabilities,
     then the fit on all rows: ``(C, threshold, coef, intercept)``."""
+    c, _, oof = search_fusion_C(z, y, Cs, inner, force=threshold == "inner")
+    return finish_fusion_logistic(z, y, c, oof, threshold)
+
+
+def _fusion_lr(c: float) -> Any:
     from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=c, class_weight="balanced", max_iter=1000)
+
+
+def search_fusion_C(z: np.ndarray, y: np.ndarray, Cs: Any, inner: list, force: bool = True
+                    ) -> tuple[float, float, np.ndarray | None]:
+    """``C`` of the fusion regression chosen among ``Cs`` by inner-CV log loss:
+    ``(C, loss, out-of-fold P(class 1) at that C)``. Without inner folds, or with one ``C``
+    and not ``force`` (nothing to choose, no threshold to fit), the last ``C``, loss inf and
+    no out-of-fold probabilities. Ties go to the earlier ``C``."""
     from sklearn.metrics import log_loss
 
-    def make(c: float) -> Any:
-        return lambda: LogisticRegression(C=c, class_weight="balanced", max_iter=1000)
-
     best_c, best_loss, best_oof = float(Cs[-1]), np.inf, None
-    if inner and (len(Cs) > 1 or threshold == "inner"):
+    if inner and (len(Cs) > 1 or force):
         for c in Cs:
-            p = _oof(make(float(c)), z, y, inner)
+            p = _oof(lambda c=float(c): _fusion_lr(c), z, y, inner)
             loss = log_loss(y, np.clip(p, 1e-7, 1 - 1e-7), labels=[0, 1])
             if loss < best_loss - 1e-12:
-                best_c, best_loss, best_oof = float(c), loss, p
-    lr = make(best_c)().fit(z, y)
-    return (best_c, _threshold(threshold, y, best_oof), lr.coef_[0].astype(np.float64),
+                best_c, best_loss, best_oof = float(c), float(loss), p
+    return best_c, best_loss, best_oof
+
+
+def finish_fusion_logistic(z: np.ndarray, y: np.ndarray, c: float, oof: np.ndarray | None,
+                           threshold: str | float) -> tuple[float, float, np.ndarray, float]:
+    """The threshold from ``oof`` (the chosen ``C``'s out-of-fold probabilities) and the
+    fusion regression at ``C = c`` on all rows: ``(C, threshold, coef, intercept)``."""
+    lr = _fusion_lr(c).fit(z, y)
+    return (c, _threshold(threshold, y, oof), lr.coef_[0].astype(np.float64),
             float(lr.intercept_[0]))
 
 

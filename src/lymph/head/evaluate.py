@@ -124,6 +124,8 @@ def _run_fold(make_model: Callable[[], Any], store: Any, fold: Fold
     y = store.labels[te].astype(np.int64)
     info = {a: getattr(model, a + "_") for a in ("best_epoch", "epochs_run")
             if hasattr(model, a + "_")}
+    if hasattr(model, "fold_info"):  # e.g. the composition model's chosen K and C
+        info.update(model.fold_info())
     extra = model.cv_extra(store.subset(te)) if hasattr(model, "cv_extra") else {}
     return (FoldResult(r, f, tr, te, thr, metrics(y, p, thr), time.perf_counter() - t0, info),
             p, extra)

@@ -121,7 +121,8 @@ def fit_head(store: str | os.PathLike[str] | Any, *, pooling: str = "attention",
     summary = summarise(cv)
     report: dict[str, Any] = {
         "pooling": pooling if images and fusion == "concat" else None,
-        "model": "late-fusion" if fusion == "late" else _model_name(pooling, images, clinical),
+        "model": {"late": "late-fusion", "composition": "composition+clinical"}.get(fusion)
+        or _model_name(pooling, images, clinical),
         "fusion": fusion,
         "images": images, "clinical": clinical,
         "clinical_columns": list(s.clinical_columns) if clinical else [],

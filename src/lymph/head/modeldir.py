@@ -145,7 +145,8 @@ def _copy_encoder(store: Any, dest: Path) -> dict[str, Any]:
 def save_model(model: Any, path: str | os.PathLike[str], *, store: Any,
                extra: dict[str, str | os.PathLike[str]] | None = None) -> Path:
     """Write a fitted estimator to ``path`` atomically: a :class:`MILClassifier` (weights in
-    ``head.pt``) or a late-fusion model (its whole state as JSON numbers in ``model.json``).
+    ``head.pt``) or a JSON-state estimator (late fusion, composition: its whole state as JSON
+    numbers in ``model.json``, checked on load by its ``check_json`` when it has one).
 
     ``store`` is the store it was fitted on (fingerprint, provenance, encoder). ``extra``
     maps names inside the directory (e.g. ``cv/oof.csv``) to files to copy in.
@@ -316,10 +317,13 @@ def _load(path: Path, mj: Path, meta: dict[str, Any]) -> SavedModel:
     if spec.state == "json":  # e.g. fit-head --fusion late (lymph.baselines)
         state = _expect(mj, meta, str(spec.state_key), dict,
                         f"an object (the {spec.name} state)")
-        est = estimator_class(spec.name).from_json(state)
+        cls = estimator_class(spec.name)
+        if hasattr(cls, "check_json"):  # shapes and ranges, each message naming its field
+            cls.check_json(state, f"{mj}: '{spec.state_key}")
+        est = cls.from_json(state)
         from lymph.checks import check_threshold
 
-        check_threshold(f"{mj}: 'late_fusion.threshold_'", getattr(est, "threshold_", 0.5))
+        check_threshold(f"{mj}: '{spec.state_key}.threshold'", getattr(est, "threshold_", 0.5))
         return SavedModel(path=path, estimator=est, meta=meta)
     import torch
 

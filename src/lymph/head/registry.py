@@ -113,6 +113,8 @@ register_estimator(EstimatorSpec("MILClassifier", "lymph.head.estimator:MILClass
                                  "weights", fusion="concat"))
 register_estimator(EstimatorSpec("LateFusion", "lymph.baselines.late_fusion:LateFusion", "json",
                                  fusion="late", state_key="late_fusion"))
+register_estimator(EstimatorSpec("CompositionFusion", "lymph.baselines.composition:CompositionFusion",
+                                 "json", fusion="composition", state_key="composition"))
 
 
 def estimator_spec(name: Any, where: str = "estimator") -> EstimatorSpec:
