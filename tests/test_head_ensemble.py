@@ -60,6 +60,42 @@ def test_member_weights_hold_out_their_fold() -> None:
         assert np.isclose(w[sel & (y == 1)].sum(), w[sel & (y == 0)].sum())
 
 
+@pytest.mark.parametrize("images", [True, False])
+def test_validation_scores_each_patient_by_its_own_member_only(images: bool, monkeypatch) -> None:
+    """fold_logits (each member on its fold, padded once) = the diagonal of all members on
+    all patients; chunks cover every patient once, split when over the element budget."""
+    import lymph.head.ensemble as ens_mod
+    from lymph.head.bags import make_buckets
+    from lymph.head.ensemble import chunk_logits, fold_chunks, fold_logits, member_logits
+    from lymph.head.train import make_groups
+
+    d = make_bags(n_patients=40, dim=6, sizes=(1, 60))
+    n, rng = 40, np.random.default_rng(1)
+    fold_of = rng.permutation(np.arange(n) % 4)
+    buckets = make_buckets(d["embeddings"], d["patient_ptr"], np.arange(n), None) if images else None
+    groups = make_groups(buckets, d["clinical"])
+    torch.manual_seed(0)
+    model = MILEnsemble(HeadConfig(dim=6 if images else 0, n_clinical=3, mlp=(8, 4), members=4))
+    want = member_logits(model, groups, n)[fold_of, np.arange(n)]
+    torch.testing.assert_close(fold_logits(model, groups, fold_of), want, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(ens_mod, "_EVAL_ELEMENTS", 60 * 128 * 3)  # at most 3 bags a chunk
+    chunks = fold_chunks(groups, fold_of, 4)
+    pos = np.concatenate([c.pos.numpy() for c in chunks])
+    assert sorted(pos) == list(range(n))
+    assert all((fold_of[c.pos.numpy()] == c.member).all() for c in chunks)
+    if images:
+        assert max(c.pos.numel() for c in chunks) <= 3 and len(chunks) > 4
+        for c in chunks:  # trimmed to the chunk's longest bag, every real instance kept
+            assert c.mask.sum().item() == sum(d["patient_ptr"][i + 1] - d["patient_ptr"][i]
+                                              for i in c.pos.tolist())
+            assert c.mask[:, -1].any()
+    torch.testing.assert_close(chunk_logits(model, chunks, n), want, atol=1e-6, rtol=1e-6)
+    some = chunk_logits(model, chunks, n, torch.tensor([1, 3]))  # only members 1 and 3
+    assert (some[(fold_of == 0) | (fold_of == 2)] == 0).all()
+    torch.testing.assert_close(some[fold_of == 3], want[fold_of == 3], atol=1e-6, rtol=1e-6)
+    assert model.active is None
+
+
 def test_guarded_threshold_needs_evidence() -> None:
     rng = np.random.default_rng(0)
     # few patients, a small gain: stays at 0.5

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import stack_module_state
 
+from lymph.head.bags import bucket_rows
 from lymph.head.model import HeadConfig, MILHead
 from lymph.head.pooling import masked_softmax
 from lymph.head.train import _EVAL_ELEMENTS, Group, _slice
@@ -181,6 +182,89 @@ def member_logits(model: MILEnsemble, groups: list[Group], n: int) -> torch.Tens
     return out
 
 
+@dataclass
+class FoldChunk:
+    """Validation patients of one member (its inner fold), padded once before training."""
+
+    member: int
+    pos: torch.Tensor  # (b,) positions of these patients
+    x: torch.Tensor | None  # (b, n, D), trimmed to the chunk's longest bag
+    mask: torch.Tensor | None  # (b, n)
+    clin: torch.Tensor  # (b, C)
+
+
+def fold_chunks(groups: list[Group], fold_of: np.ndarray, k: int) -> list[FoldChunk]:
+    """Each member's fold, gathered from all buckets into padded chunks of bags of similar
+    size (:func:`~lymph.head.bags.bucket_rows`), at most ``_EVAL_ELEMENTS`` elements each.
+
+    Built once per fit: the validation after every epoch then copies nothing, and runs
+    each member on its own patients only. Vectorised per bucket (loops over the ``K``
+    members and the few buckets, never over bags).
+    """
+    out: list[FoldChunk] = []
+    for j in range(k):
+        parts = [(g, np.flatnonzero(fold_of[g.pos] == j)) for g in groups]
+        parts = [(g, i) for g, i in parts if i.size]
+        if not parts:
+            continue
+        src_g = np.concatenate([np.full(i.size, q) for q, (_, i) in enumerate(parts)])
+        src_i = np.concatenate([i for _, i in parts])
+        pos = np.concatenate([g.pos[i] for g, i in parts])
+        clin = torch.cat([g.clin[torch.from_numpy(i)] for g, i in parts])
+        first = parts[0][0]
+        if first.x is None or first.lengths is None:  # clinical only: one chunk
+            out.append(FoldChunk(j, torch.from_numpy(pos), None, None, clin))
+            continue
+        lengths = np.concatenate([g.lengths[i] for g, i in parts])  # type: ignore[index]
+        d = first.x.shape[2]
+        for sel in bucket_rows(lengths):
+            n_max = int(lengths[sel].max())
+            step = max(1, _EVAL_ELEMENTS // (n_max * max(d, 128)))
+            for s in range(0, sel.size, step):
+                part = sel[s : s + step]
+                n_part = int(lengths[part].max())  # trimmed to this chunk's longest bag
+                x = torch.zeros(part.size, n_part, d)
+                m = torch.zeros(part.size, n_part, dtype=torch.bool)
+                for q, (g, _) in enumerate(parts):  # a handful of buckets
+                    h = np.flatnonzero(src_g[part] == q)
+                    if h.size:
+                        t, w = torch.from_numpy(src_i[part[h]]), min(n_part, g.x.shape[1])
+                        th = torch.from_numpy(h)
+                        x[th, :w] = g.x[t, :w]  # type: ignore[index]
+                        m[th, :w] = g.mask[t, :w]  # type: ignore[index]
+                out.append(FoldChunk(j, torch.from_numpy(pos[part]), x, m,
+                                     clin[torch.from_numpy(part)]))
+    return out
+
+
+@torch.no_grad()
+def chunk_logits(model: MILEnsemble, chunks: list[FoldChunk], n: int,
+                 members: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits ``(n,)`` by position: each chunk's patients scored by its member only (eval
+    mode); ``members`` limits the members computed (the others' patients stay 0)."""
+    model.eval()
+    out = torch.zeros(n)
+    keep = None if members is None else set(members.tolist())
+    saved = model.active
+    try:
+        for c in chunks:
+            if keep is not None and c.member not in keep:
+                continue
+            model.active = torch.tensor([c.member])
+            z, _ = model.members(c.x, c.mask, c.clin)  # (1, b)
+            out[c.pos] = z[0]
+    finally:
+        model.active = saved
+    return out
+
+
+def fold_logits(model: MILEnsemble, groups: list[Group], fold_of: np.ndarray) -> torch.Tensor:
+    """Each patient's logit by the member that validates it, ``(n,)`` by position: patient
+    ``i`` scored by member ``fold_of[i]``. The same numbers as
+    ``member_logits(...)[fold_of, arange(n)]`` at ``1 / K`` of the cost."""
+    return chunk_logits(model, fold_chunks(groups, fold_of, model.k), fold_of.size)
+
+
 def member_weights(fold_of: np.ndarray, y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Loss weights ``(K, n)``: member ``k`` trains on positions outside fold ``k`` and is
     validated on fold ``k``, each with class-balanced weights (each class half the total)."""
@@ -218,6 +302,7 @@ def train_members(model: MILEnsemble, groups: list[Group], n: int, y: np.ndarray
     best = torch.full((k,), float("inf"))
     best_epoch = np.full(k, max_epochs)
     best_state = {n_: p.detach().clone() for n_, p in model.stacked.items()}
+    chunks = fold_chunks(groups, fold_of, k)  # validation: member k on fold k only
     ran = 0
     for epoch in range(1, max_epochs + 1):
         model.train()
@@ -242,7 +327,8 @@ def train_members(model: MILEnsemble, groups: list[Group], n: int, y: np.ndarray
             opt.step()
         ran = epoch
         vl = best.clone()
-        vl[act] = _member_bce(member_logits(model, groups, n), y_t, w_va_t.index_select(0, act))
+        z_va = chunk_logits(model, chunks, n, act).expand(act.numel(), n)
+        vl[act] = _member_bce(z_va, y_t, w_va_t.index_select(0, act))  # fold k's weights only
         improved = vl < best - 1e-6
         if bool(improved.any()):
             best = torch.where(improved, vl, best)
@@ -256,6 +342,5 @@ def train_members(model: MILEnsemble, groups: list[Group], n: int, y: np.ndarray
         for name, p in model.stacked.items():
             p.copy_(best_state[name])
     model.eval()
-    z = member_logits(model, groups, n).numpy()
-    oof = z[fold_of, np.arange(n)]
+    oof = chunk_logits(model, chunks, n).numpy()
     return best_epoch, ran, oof
