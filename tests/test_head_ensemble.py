@@ -176,6 +176,37 @@ def test_parallel_folds_give_identical_results() -> None:
         np.testing.assert_array_equal(att1[k], att2[k])
 
 
+def test_many_models_in_one_pool_give_each_models_own_results() -> None:
+    """cross_validate_many (every (model, fold) one task, most costly first, any n_jobs)
+    = cross_validate of each model alone."""
+    from lymph.baselines import LogisticClinical
+    from lymph.head.evaluate import cross_validate, cross_validate_many, make_folds
+
+    st = store_of(n_patients=30, signal=3.0)
+    fl = make_folds(st.labels, 3, 1, 0)
+    makers = {"mil": lambda: MILClassifier(max_epochs=3, members=1),
+              "logistic": lambda: LogisticClinical(seed=0)}
+    alone = {n: cross_validate(m, st, fl) for n, m in makers.items()}
+    seen: list[tuple[str, int, int]] = []
+    for jobs in (1, 2):
+        seen.clear()
+        many = cross_validate_many(makers, st, fl, n_jobs=jobs, cost={"logistic": 5.0},
+                                   progress=lambda n, d, t: seen.append((n, d, t)))
+        assert list(many) == ["mil", "logistic"]
+        for n in makers:
+            np.testing.assert_array_equal(many[n].oof, alone[n].oof)
+            assert [f.metrics for f in many[n].folds] == [f.metrics for f in alone[n].folds]
+            assert [(f.repeat, f.fold) for f in many[n].folds] == [(0, 0), (0, 1), (0, 2)]
+            assert many[n].seconds == pytest.approx(sum(f.seconds for f in many[n].folds))
+            assert sorted(d for m, d, t in seen if m == n) == [1, 2, 3]
+        if jobs == 1:  # one process: model after model, in the given order
+            assert [m for m, _, _ in seen] == ["mil"] * 3 + ["logistic"] * 3
+    from lymph.errors import LymphError
+
+    with pytest.raises(LymphError, match="n_jobs"):
+        cross_validate_many(makers, st, fl, n_jobs=0)
+
+
 def test_scaled_patience() -> None:
     from lymph.head.estimator import scaled_patience
 

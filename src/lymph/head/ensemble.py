@@ -72,7 +72,11 @@ class MILEnsemble(nn.Module):
         return self.cfg.members
 
     def _k(self) -> int:
-        return self.k if self.active is None else int(self.active.numel())
+        """Members computed: :attr:`active`, else all stacked (fewer than ``k`` while
+        :func:`train_members` holds only the members still training)."""
+        if self.active is not None:
+            return int(self.active.numel())
+        return int(self.stacked[_key(self.names[0])].shape[0])
 
     def _p(self, name: str) -> torch.Tensor:
         p = self.stacked[_key(name)]
@@ -239,18 +243,19 @@ def fold_chunks(groups: list[Group], fold_of: np.ndarray, k: int) -> list[FoldCh
 
 @torch.no_grad()
 def chunk_logits(model: MILEnsemble, chunks: list[FoldChunk], n: int,
-                 members: torch.Tensor | None = None) -> torch.Tensor:
+                 members: np.ndarray | None = None) -> torch.Tensor:
     """Logits ``(n,)`` by position: each chunk's patients scored by its member only (eval
-    mode); ``members`` limits the members computed (the others' patients stay 0)."""
+    mode). ``members``: the members held by the model, in its stacked order (during
+    training, those still training); the other members' patients stay 0."""
     model.eval()
     out = torch.zeros(n)
-    keep = None if members is None else set(members.tolist())
+    at = {j: i for i, j in enumerate(range(model._k()) if members is None else members.tolist())}
     saved = model.active
     try:
         for c in chunks:
-            if keep is not None and c.member not in keep:
+            if c.member not in at:
                 continue
-            model.active = torch.tensor([c.member])
+            model.active = torch.tensor([at[c.member]])
             z, _ = model.members(c.x, c.mask, c.clin)  # (1, b)
             out[c.pos] = z[0]
     finally:
@@ -285,6 +290,28 @@ def _member_bce(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tens
     return loss.sum(dim=1) / w.sum(dim=1).clamp_min(1e-12)
 
 
+def _drop_members(model: MILEnsemble, opt: torch.optim.Optimizer, held: np.ndarray,
+                  keep: np.ndarray) -> np.ndarray:
+    """Keep only members ``held[keep]`` in the model's stacked parameters and in the Adam
+    state (moments sliced, step kept), so that stalled members cost no compute, no
+    gradient and no optimiser step. Adam is elementwise: the kept members' updates are
+    unchanged. Returns the new ``held``."""
+    sel = torch.from_numpy(np.flatnonzero(keep))
+    new_params = []
+    with torch.no_grad():
+        for name in list(model.stacked):
+            old = model.stacked[name]
+            new = nn.Parameter(old.index_select(0, sel))
+            state = opt.state.pop(old, None)
+            if state:
+                opt.state[new] = {key: (v.index_select(0, sel) if key != "step" else v.clone())
+                                  for key, v in state.items()}
+            model.stacked[name] = new
+            new_params.append(new)
+    opt.param_groups[0]["params"] = new_params
+    return held[keep]
+
+
 def train_members(model: MILEnsemble, groups: list[Group], n: int, y: np.ndarray,
                   fold_of: np.ndarray, *, lr: float, weight_decay: float, max_epochs: int,
                   patience: int, batch_size: int, rng: np.random.Generator
@@ -303,15 +330,16 @@ def train_members(model: MILEnsemble, groups: list[Group], n: int, y: np.ndarray
     best_epoch = np.full(k, max_epochs)
     best_state = {n_: p.detach().clone() for n_, p in model.stacked.items()}
     chunks = fold_chunks(groups, fold_of, k)  # validation: member k on fold k only
+    held = np.arange(k)  # the members whose parameters the model holds, in stacked order
     ran = 0
     for epoch in range(1, max_epochs + 1):
         model.train()
         stalled = (epoch - 1 - best_epoch >= patience) & np.isfinite(best.numpy())
         if stalled.all():
             break
-        # stalled members are no longer computed (their best weights are kept aside)
-        act = torch.from_numpy(np.flatnonzero(~stalled))
-        model.active = None if act.numel() == k else act
+        if stalled[held].any():  # stalled members leave the model and the optimiser
+            held = _drop_members(model, opt, held, ~stalled[held])
+        act = torch.from_numpy(held)
         w_act = w_tr_t.index_select(0, act)
         batches = [(g, chunk) for g in groups
                    for chunk in np.array_split(rng.permutation(len(g.pos)),
@@ -327,20 +355,20 @@ def train_members(model: MILEnsemble, groups: list[Group], n: int, y: np.ndarray
             opt.step()
         ran = epoch
         vl = best.clone()
-        z_va = chunk_logits(model, chunks, n, act).expand(act.numel(), n)
+        z_va = chunk_logits(model, chunks, n, held).expand(held.size, n)
         vl[act] = _member_bce(z_va, y_t, w_va_t.index_select(0, act))  # fold k's weights only
         improved = vl < best - 1e-6
         if bool(improved.any()):
             best = torch.where(improved, vl, best)
             best_epoch[improved.numpy()] = epoch
+            imp = improved.numpy()[held]  # among the held members
             with torch.no_grad():
                 for name, p in model.stacked.items():
-                    sel = improved.view(-1, *([1] * (p.dim() - 1)))
-                    best_state[name] = torch.where(sel, p, best_state[name])
+                    best_state[name][torch.from_numpy(held[imp])] = p[torch.from_numpy(imp)]
+    with torch.no_grad():  # every member's best weights, all K held again
+        for name in list(model.stacked):
+            model.stacked[name] = nn.Parameter(best_state[name])
     model.active = None
-    with torch.no_grad():
-        for name, p in model.stacked.items():
-            p.copy_(best_state[name])
     model.eval()
     oof = chunk_logits(model, chunks, n).numpy()
     return best_epoch, ran, oof
