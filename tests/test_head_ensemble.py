@@ -66,7 +66,13 @@ def test_validation_scores_each_patient_by_its_own_member_only(images: bool, mon
     all patients; chunks cover every patient once, split when over the element budget."""
     import lymph.head.ensemble as ens_mod
     from lymph.head.bags import make_buckets
-    from lymph.head.ensemble import chunk_logits, fold_chunks, fold_logits, member_logits
+    from lymph.head.ensemble import (
+        _drop_members,
+        chunk_logits,
+        fold_chunks,
+        fold_logits,
+        member_logits,
+    )
     from lymph.head.train import make_groups
 
     d = make_bags(n_patients=40, dim=6, sizes=(1, 60))
@@ -90,9 +96,27 @@ def test_validation_scores_each_patient_by_its_own_member_only(images: bool, mon
                                               for i in c.pos.tolist())
             assert c.mask[:, -1].any()
     torch.testing.assert_close(chunk_logits(model, chunks, n), want, atol=1e-6, rtol=1e-6)
-    some = chunk_logits(model, chunks, n, torch.tensor([1, 3]))  # only members 1 and 3
+    # members 0 and 2 stalled: they leave the model and the optimiser state
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    model.members(chunks[0].x, chunks[0].mask, chunks[0].clin)[0].sum().backward()
+    opt.step()
+    exp_avg = {n_: opt.state[p]["exp_avg"].clone() for n_, p in model.stacked.items()}
+    before = {n_: p.detach().clone() for n_, p in model.stacked.items()}
+    held = _drop_members(model, opt, np.arange(4), np.array([False, True, False, True]))
+    assert held.tolist() == [1, 3] and model._k() == 2
+    assert opt.param_groups[0]["params"] == list(model.stacked.values())
+    for n_, p in model.stacked.items():
+        torch.testing.assert_close(p.detach(), before[n_][[1, 3]], atol=0, rtol=0)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], exp_avg[n_][[1, 3]], atol=0, rtol=0)
+    some = chunk_logits(model, chunks, n, held)  # members 1 and 3, at stacked places 0 and 1
     assert (some[(fold_of == 0) | (fold_of == 2)] == 0).all()
-    torch.testing.assert_close(some[fold_of == 3], want[fold_of == 3], atol=1e-6, rtol=1e-6)
+    ref = MILEnsemble(model.cfg)
+    with torch.no_grad():
+        for n_, p in ref.stacked.items():
+            p.copy_(before[n_])
+    want = member_logits(ref, groups, n)[fold_of, np.arange(n)]
+    for j in (1, 3):
+        torch.testing.assert_close(some[fold_of == j], want[fold_of == j], atol=1e-6, rtol=1e-6)
     assert model.active is None
 
 
