@@ -16,6 +16,12 @@ ignores the bags of its own fold through a zero loss weight. No loop over
 bags, nor over members. The Adam update is elementwise, so stacked members train exactly as
 ``K`` separate ones would on these batches.
 
+Cost (issue 17): after each epoch member ``k`` is scored on fold ``k`` only, from padded
+chunks built once per fit (:func:`fold_chunks`), not all members on all patients; a
+member that has stalled (``patience`` epochs without improvement; its best weights are
+kept aside) leaves the stacked parameters and the Adam state (:func:`_drop_members`), so
+it costs no compute, gradient or optimiser step. Neither changes any number.
+
 ``MILEnsemble.forward`` has the :class:`~lymph.head.model.MILHead` signature: the logit of
 the mean member probability (computed in log space, always finite) and the mean member
 instance weights (still summing to 1 over a bag).
