@@ -60,6 +60,66 @@ def test_member_weights_hold_out_their_fold() -> None:
         assert np.isclose(w[sel & (y == 1)].sum(), w[sel & (y == 0)].sum())
 
 
+@pytest.mark.parametrize("images", [True, False])
+def test_validation_scores_each_patient_by_its_own_member_only(images: bool, monkeypatch) -> None:
+    """fold_logits (each member on its fold, padded once) = the diagonal of all members on
+    all patients; chunks cover every patient once, split when over the element budget."""
+    import lymph.head.ensemble as ens_mod
+    from lymph.head.bags import make_buckets
+    from lymph.head.ensemble import (
+        _drop_members,
+        chunk_logits,
+        fold_chunks,
+        fold_logits,
+        member_logits,
+    )
+    from lymph.head.train import make_groups
+
+    d = make_bags(n_patients=40, dim=6, sizes=(1, 60))
+    n, rng = 40, np.random.default_rng(1)
+    fold_of = rng.permutation(np.arange(n) % 4)
+    buckets = make_buckets(d["embeddings"], d["patient_ptr"], np.arange(n), None) if images else None
+    groups = make_groups(buckets, d["clinical"])
+    torch.manual_seed(0)
+    model = MILEnsemble(HeadConfig(dim=6 if images else 0, n_clinical=3, mlp=(8, 4), members=4))
+    want = member_logits(model, groups, n)[fold_of, np.arange(n)]
+    torch.testing.assert_close(fold_logits(model, groups, fold_of), want, atol=1e-6, rtol=1e-6)
+    monkeypatch.setattr(ens_mod, "_EVAL_ELEMENTS", 60 * 128 * 3)  # at most 3 bags a chunk
+    chunks = fold_chunks(groups, fold_of, 4)
+    pos = np.concatenate([c.pos.numpy() for c in chunks])
+    assert sorted(pos) == list(range(n))
+    assert all((fold_of[c.pos.numpy()] == c.member).all() for c in chunks)
+    if images:
+        assert max(c.pos.numel() for c in chunks) <= 3 and len(chunks) > 4
+        for c in chunks:  # trimmed to the chunk's longest bag, every real instance kept
+            assert c.mask.sum().item() == sum(d["patient_ptr"][i + 1] - d["patient_ptr"][i]
+                                              for i in c.pos.tolist())
+            assert c.mask[:, -1].any()
+    torch.testing.assert_close(chunk_logits(model, chunks, n), want, atol=1e-6, rtol=1e-6)
+    # members 0 and 2 stalled: they leave the model and the optimiser state
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=True)
+    model.members(chunks[0].x, chunks[0].mask, chunks[0].clin)[0].sum().backward()
+    opt.step()
+    exp_avg = {n_: opt.state[p]["exp_avg"].clone() for n_, p in model.stacked.items()}
+    before = {n_: p.detach().clone() for n_, p in model.stacked.items()}
+    held = _drop_members(model, opt, np.arange(4), np.array([False, True, False, True]))
+    assert held.tolist() == [1, 3] and model._k() == 2
+    assert opt.param_groups[0]["params"] == list(model.stacked.values())
+    for n_, p in model.stacked.items():
+        torch.testing.assert_close(p.detach(), before[n_][[1, 3]], atol=0, rtol=0)
+        torch.testing.assert_close(opt.state[p]["exp_avg"], exp_avg[n_][[1, 3]], atol=0, rtol=0)
+    some = chunk_logits(model, chunks, n, held)  # members 1 and 3, at stacked places 0 and 1
+    assert (some[(fold_of == 0) | (fold_of == 2)] == 0).all()
+    ref = MILEnsemble(model.cfg)
+    with torch.no_grad():
+        for n_, p in ref.stacked.items():
+            p.copy_(before[n_])
+    want = member_logits(ref, groups, n)[fold_of, np.arange(n)]
+    for j in (1, 3):
+        torch.testing.assert_close(some[fold_of == j], want[fold_of == j], atol=1e-6, rtol=1e-6)
+    assert model.active is None
+
+
 def test_guarded_threshold_needs_evidence() -> None:
     rng = np.random.default_rng(0)
     # few patients, a small gain: stays at 0.5
@@ -138,6 +198,37 @@ def test_parallel_folds_give_identical_results() -> None:
     assert set(att1) == set(att2) == set(map(str, st.ids))
     for k in att1:
         np.testing.assert_array_equal(att1[k], att2[k])
+
+
+def test_many_models_in_one_pool_give_each_models_own_results() -> None:
+    """cross_validate_many (every (model, fold) one task, most costly first, any n_jobs)
+    = cross_validate of each model alone."""
+    from lymph.baselines import LogisticClinical
+    from lymph.head.evaluate import cross_validate, cross_validate_many, make_folds
+
+    st = store_of(n_patients=30, signal=3.0)
+    fl = make_folds(st.labels, 3, 1, 0)
+    makers = {"mil": lambda: MILClassifier(max_epochs=3, members=1),
+              "logistic": lambda: LogisticClinical(seed=0)}
+    alone = {n: cross_validate(m, st, fl) for n, m in makers.items()}
+    seen: list[tuple[str, int, int]] = []
+    for jobs in (1, 2):
+        seen.clear()
+        many = cross_validate_many(makers, st, fl, n_jobs=jobs, cost={"logistic": 5.0},
+                                   progress=lambda n, d, t: seen.append((n, d, t)))
+        assert list(many) == ["mil", "logistic"]
+        for n in makers:
+            np.testing.assert_array_equal(many[n].oof, alone[n].oof)
+            assert [f.metrics for f in many[n].folds] == [f.metrics for f in alone[n].folds]
+            assert [(f.repeat, f.fold) for f in many[n].folds] == [(0, 0), (0, 1), (0, 2)]
+            assert many[n].seconds == pytest.approx(sum(f.seconds for f in many[n].folds))
+            assert sorted(d for m, d, t in seen if m == n) == [1, 2, 3]
+        if jobs == 1:  # one process: model after model, in the given order
+            assert [m for m, _, _ in seen] == ["mil"] * 3 + ["logistic"] * 3
+    from lymph.errors import LymphError
+
+    with pytest.raises(LymphError, match="n_jobs"):
+        cross_validate_many(makers, st, fl, n_jobs=0)
 
 
 def test_scaled_patience() -> None:

@@ -27,7 +27,14 @@ from typing import Any
 import numpy as np
 
 from lymph.errors import LymphError
-from lymph.head.evaluate import METRICS, CVResult, Fold, cross_validate, make_folds, summarise
+from lymph.head.evaluate import (
+    METRICS,
+    CVResult,
+    Fold,
+    cross_validate_many,
+    make_folds,
+    summarise,
+)
 
 # the model registry (torch-free): kinds, the MIL settings (FAST_MIL: speed; see the module
 # docstring), every model's entry
@@ -49,6 +56,7 @@ class ModelSpec:
     inputs: str  # CLINICAL, IMAGES_CLINICAL or IMAGES
     pooling: str | None = None  # MIL pooling, None for non-MIL models
     description: str = ""
+    cost: float = 1.0  # relative time per fold: orders the parallel schedule, nothing else
 
 
 @dataclass
@@ -150,7 +158,7 @@ def default_models(store: Any, seed: int = 0,
     clinical = bool(list(store.clinical_columns))
     specs: dict[str, ModelSpec] = {
         e.name: ModelSpec(e.make(seed), IMAGES if e.clinical_optional and not clinical else e.inputs,
-                          e.pooling, e.description)
+                          e.pooling, e.description, e.cost)
         for e in model_entries(optional=optional)}
     notes: list[str] = []
     if not list(store.clinical_columns):
@@ -248,8 +256,9 @@ def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], An
     ``models`` maps names to :class:`ModelSpec` (or bare factories, treated as
     images + clinical models). ``progress(name, done, total)`` is called after each fold.
     ``fold_list`` replaces the folds (e.g. stage one's, :func:`folds_from_store`); then
-    ``folds`` and ``repeats`` are taken from it. ``n_jobs``: folds of each model in that many
-    worker processes (same results, see :func:`~lymph.head.evaluate.cross_validate`).
+    ``folds`` and ``repeats`` are taken from it. ``n_jobs``: every (model, fold) pair is one
+    task of a pool of that many worker processes, the most costly models' folds first
+    (``ModelSpec.cost``); same results (:func:`~lymph.head.evaluate.cross_validate_many`).
     """
     from lymph.baselines import blas_threads
 
@@ -268,24 +277,25 @@ def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], An
         repeats = max(f[0] for f in fold_list) + 1
     t0 = time.perf_counter()
     results: dict[str, ModelResult] = {}
-    with blas_threads(1):
-        for name, spec in specs.items():
-            cb = None if progress is None else (lambda d, t, n=name: progress(n, d, t))
-            sink: dict[str, np.ndarray] = {}
-            scores: dict[str, np.ndarray] = {}
-            coefs: list[dict[str, float]] = []
-            extras: dict[int, dict[str, Any]] = {}
-            cv = cross_validate(lambda s=spec: _Recorder(s.make()), store, fold_list,
-                                progress=cb, n_jobs=n_jobs, extras=extras)
-            for k in sorted(extras):  # fold order: a patient's first (repeat-0) scoring wins
-                for pid, w in extras[k].get("attention", {}).items():
-                    sink.setdefault(pid, w)
-                for pid, w in extras[k].get("cell_scores", {}).items():
-                    scores.setdefault(pid, w)
-                if "coefficients" in extras[k]:
-                    coefs.append(extras[k]["coefficients"])
-            results[name] = ModelResult(name, spec, cv, summarise(cv), _params(spec.make()), sink,
-                                        scores, coefs)
+    makers = {n: (lambda s=spec: _Recorder(s.make())) for n, spec in specs.items()}
+    extras: dict[str, dict[int, dict[str, Any]]] = {}
+    with blas_threads(1):  # every (model, fold) pair one task of one pool (n_jobs workers)
+        cvs = cross_validate_many(makers, store, fold_list, progress=progress, n_jobs=n_jobs,
+                                  extras=extras, cost={n: s.cost for n, s in specs.items()})
+    for name, spec in specs.items():
+        sink: dict[str, np.ndarray] = {}
+        scores: dict[str, np.ndarray] = {}
+        coefs: list[dict[str, float]] = []
+        ex = extras.get(name, {})
+        for k in sorted(ex):  # fold order: a patient's first (repeat-0) scoring wins
+            for pid, w in ex[k].get("attention", {}).items():
+                sink.setdefault(pid, w)
+            for pid, w in ex[k].get("cell_scores", {}).items():
+                scores.setdefault(pid, w)
+            if "coefficients" in ex[k]:
+                coefs.append(ex[k]["coefficients"])
+        results[name] = ModelResult(name, spec, cvs[name], summarise(cvs[name]),
+                                    _params(spec.make()), sink, scores, coefs)
     res = ComparisonResult(
         models=results, folds=fold_list, n_folds=folds, repeats=repeats, seed=seed,
         n_patients=int(labelled.size), seconds=time.perf_counter() - t0,

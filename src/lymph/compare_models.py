@@ -40,6 +40,10 @@ class ModelEntry:
     clinical_optional: bool = False
     #: opt-in: run only when named in ``--models``, not in the default comparison
     optional: bool = False
+    #: relative time per fold (a clinical logistic regression ~0.1, a MIL head 1): orders
+    #: the parallel schedule of ``compare-baselines --jobs``, most costly first; no result
+    #: depends on it
+    cost: float = 1.0
 
     def make(self, seed: int) -> Callable[[], Any]:
         """A factory of fresh, unfitted estimators with this seed."""
@@ -160,24 +164,24 @@ def _late_fusion_composition(seed: int, pooling: str | None) -> Any:
 
 _HERE = "lymph.compare_models"
 register_model(ModelEntry("adaboost", CLINICAL, f"{_HERE}:_adaboost", None,
-                          "AdaBoost on clinical features (the report's baseline)"))
+                          "AdaBoost on clinical features (the report's baseline)", cost=0.2))
 register_model(ModelEntry("logistic", CLINICAL, f"{_HERE}:_logistic", None,
-                          "logistic regression on clinical features"))
+                          "logistic regression on clinical features", cost=0.1))
 register_model(ModelEntry("clinical-mlp", CLINICAL, f"{_HERE}:_clinical_mlp", None,
-                          "MLP on clinical features"))
+                          "MLP on clinical features", cost=0.2))
 register_model(ModelEntry("{pooling}+clinical", IMAGES_CLINICAL, f"{_HERE}:_mil", None,
                           "MIL head, {pooling} pooling, with clinical features",
-                          per_pooling=True))
+                          per_pooling=True))  # cost 1: the unit
 register_model(ModelEntry("attention-images-only", IMAGES, f"{_HERE}:_images_only", "attention",
                           "MIL head, attention pooling, images only"))
 register_model(ModelEntry("mixture-of-experts", IMAGES_CLINICAL, f"{_HERE}:_moe", "attention",
                           "mixture of an image and a clinical expert"))
 register_model(ModelEntry("late-fusion", IMAGES_CLINICAL, f"{_HERE}:_late_fusion", None,
-                          "late fusion: pooled image score + clinical, logistic"))
+                          "late fusion: pooled image score + clinical, logistic", cost=1.5))
 # issue 17: does attention earn its place?
 register_model(ModelEntry("bag-stats-forest", IMAGES_CLINICAL, f"{_HERE}:_bag_stats_forest", None,
                           "random forest (500 trees) on per-bag [mean, max, min] (+ clinical "
-                          "columns)", clinical_optional=True))
+                          "columns)", clinical_optional=True, cost=4.0))
 # issue 18: cell composition (k-means prototypes fitted in each training fold, K chosen with C
 # by inner CV from 4, 8, 16) and several image scores; all but composition+clinical are opt-in
 for _name, _k, _clin, _opt in (("composition+clinical", "auto", True, False),
@@ -190,7 +194,8 @@ for _name, _k, _clin, _opt in (("composition+clinical", "auto", True, False),
         "cell composition: log proportions of "
         + ("K k-means prototypes (K of 4, 8, 16 chosen by inner CV)" if _k == "auto"
            else f"{_k} k-means prototypes")
-        + (" + clinical, logistic" if _clin else ", logistic (no clinical)"), optional=_opt))
+        + (" + clinical, logistic" if _clin else ", logistic (no clinical)"), optional=_opt,
+        cost=3.0 if _k == "auto" else 1.0))  # auto: 3 k-means fits and 3 x the inner CV
 register_model(ModelEntry("multi-score+clinical", IMAGES_CLINICAL, f"{_HERE}:_multi_score", None,
                           "late fusion with one pooled score per feature block of a "
                           "concatenated store", optional=True))

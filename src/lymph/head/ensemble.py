@@ -16,6 +16,12 @@ ignores the bags of its own fold through a zero loss weight. No loop over
 bags, nor over members. The Adam update is elementwise, so stacked members train exactly as
 ``K`` separate ones would on these batches.
 
+Cost (issue 17): after each epoch member ``k`` is scored on fold ``k`` only, from padded
+chunks built once per fit (:func:`fold_chunks`), not all members on all patients; a
+member that has stalled (``patience`` epochs without improvement; its best weights are
+kept aside) leaves the stacked parameters and the Adam state (:func:`_drop_members`), so
+it costs no compute, gradient or optimiser step. Neither changes any number.
+
 ``MILEnsemble.forward`` has the :class:`~lymph.head.model.MILHead` signature: the logit of
 the mean member probability (computed in log space, always finite) and the mean member
 instance weights (still summing to 1 over a bag).
@@ -25,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -34,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import stack_module_state
 
+from lymph.head.bags import bucket_rows
 from lymph.head.model import HeadConfig, MILHead
 from lymph.head.pooling import masked_softmax
 from lymph.head.train import _EVAL_ELEMENTS, Group, _slice
@@ -71,7 +78,11 @@ class MILEnsemble(nn.Module):
         return self.cfg.members
 
     def _k(self) -> int:
-        return self.k if self.active is None else int(self.active.numel())
+        """Members computed: :attr:`active`, else all stacked (fewer than ``k`` while
+        :func:`train_members` holds only the members still training)."""
+        if self.active is not None:
+            return int(self.active.numel())
+        return int(self.stacked[_key(self.names[0])].shape[0])
 
     def _p(self, name: str) -> torch.Tensor:
         p = self.stacked[_key(name)]
@@ -181,6 +192,90 @@ def member_logits(model: MILEnsemble, groups: list[Group], n: int) -> torch.Tens
     return out
 
 
+@dataclass
+class FoldChunk:
+    """Validation patients of one member (its inner fold), padded once before training."""
+
+    member: int
+    pos: torch.Tensor  # (b,) positions of these patients
+    x: torch.Tensor | None  # (b, n, D), trimmed to the chunk's longest bag
+    mask: torch.Tensor | None  # (b, n)
+    clin: torch.Tensor  # (b, C)
+
+
+def fold_chunks(groups: list[Group], fold_of: np.ndarray, k: int) -> list[FoldChunk]:
+    """Each member's fold, gathered from all buckets into padded chunks of bags of similar
+    size (:func:`~lymph.head.bags.bucket_rows`), at most ``_EVAL_ELEMENTS`` elements each.
+
+    Built once per fit: the validation after every epoch then copies nothing, and runs
+    each member on its own patients only. Vectorised per bucket (loops over the ``K``
+    members and the few buckets, never over bags).
+    """
+    out: list[FoldChunk] = []
+    for j in range(k):
+        parts = [(g, np.flatnonzero(fold_of[g.pos] == j)) for g in groups]
+        parts = [(g, i) for g, i in parts if i.size]
+        if not parts:
+            continue
+        src_g = np.concatenate([np.full(i.size, q) for q, (_, i) in enumerate(parts)])
+        src_i = np.concatenate([i for _, i in parts])
+        pos = np.concatenate([g.pos[i] for g, i in parts])
+        clin = torch.cat([g.clin[torch.from_numpy(i)] for g, i in parts])
+        first = parts[0][0]
+        if first.x is None or first.lengths is None:  # clinical only: one chunk
+            out.append(FoldChunk(j, torch.from_numpy(pos), None, None, clin))
+            continue
+        lengths = np.concatenate([g.lengths[i] for g, i in parts])  # type: ignore[index]
+        d = first.x.shape[2]
+        for sel in bucket_rows(lengths):
+            n_max = int(lengths[sel].max())
+            step = max(1, _EVAL_ELEMENTS // (n_max * max(d, 128)))
+            for s in range(0, sel.size, step):
+                part = sel[s : s + step]
+                n_part = int(lengths[part].max())  # trimmed to this chunk's longest bag
+                x = torch.zeros(part.size, n_part, d)
+                m = torch.zeros(part.size, n_part, dtype=torch.bool)
+                for q, (g, _) in enumerate(parts):  # a handful of buckets
+                    h = np.flatnonzero(src_g[part] == q)
+                    if h.size:
+                        t, w = torch.from_numpy(src_i[part[h]]), min(n_part, g.x.shape[1])
+                        th = torch.from_numpy(h)
+                        x[th, :w] = g.x[t, :w]  # type: ignore[index]
+                        m[th, :w] = g.mask[t, :w]  # type: ignore[index]
+                out.append(FoldChunk(j, torch.from_numpy(pos[part]), x, m,
+                                     clin[torch.from_numpy(part)]))
+    return out
+
+
+@torch.no_grad()
+def chunk_logits(model: MILEnsemble, chunks: list[FoldChunk], n: int,
+                 members: np.ndarray | None = None) -> torch.Tensor:
+    """Logits ``(n,)`` by position: each chunk's patients scored by its member only (eval
+    mode). ``members``: the members held by the model, in its stacked order (during
+    training, those still training); the other members' patients stay 0."""
+    model.eval()
+    out = torch.zeros(n)
+    at = {j: i for i, j in enumerate(range(model._k()) if members is None else members.tolist())}
+    saved = model.active
+    try:
+        for c in chunks:
+            if c.member not in at:
+                continue
+            model.active = torch.tensor([at[c.member]])
+            z, _ = model.members(c.x, c.mask, c.clin)  # (1, b)
+            out[c.pos] = z[0]
+    finally:
+        model.active = saved
+    return out
+
+
+def fold_logits(model: MILEnsemble, groups: list[Group], fold_of: np.ndarray) -> torch.Tensor:
+    """Each patient's logit by the member that validates it, ``(n,)`` by position: patient
+    ``i`` scored by member ``fold_of[i]``. The same numbers as
+    ``member_logits(...)[fold_of, arange(n)]`` at ``1 / K`` of the cost."""
+    return chunk_logits(model, fold_chunks(groups, fold_of, model.k), fold_of.size)
+
+
 def member_weights(fold_of: np.ndarray, y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Loss weights ``(K, n)``: member ``k`` trains on positions outside fold ``k`` and is
     validated on fold ``k``, each with class-balanced weights (each class half the total)."""
@@ -201,6 +296,28 @@ def _member_bce(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tens
     return loss.sum(dim=1) / w.sum(dim=1).clamp_min(1e-12)
 
 
+def _drop_members(model: MILEnsemble, opt: torch.optim.Optimizer, held: np.ndarray,
+                  keep: np.ndarray) -> np.ndarray:
+    """Keep only members ``held[keep]`` in the model's stacked parameters and in the Adam
+    state (moments sliced, step kept), so that stalled members cost no compute, no
+    gradient and no optimiser step. Adam is elementwise: the kept members' updates are
+    unchanged. Returns the new ``held``."""
+    sel = torch.from_numpy(np.flatnonzero(keep))
+    new_params = []
+    with torch.no_grad():
+        for name in list(model.stacked):
+            old = model.stacked[name]
+            new = nn.Parameter(old.index_select(0, sel))
+            state = opt.state.pop(old, None)
+            if state:
+                opt.state[new] = {key: (v.index_select(0, sel) if key != "step" else v.clone())
+                                  for key, v in state.items()}
+            model.stacked[name] = new
+            new_params.append(new)
+    opt.param_groups[0]["params"] = new_params
+    return held[keep]
+
+
 def train_members(model: MILEnsemble, groups: list[Group], n: int, y: np.ndarray,
                   fold_of: np.ndarray, *, lr: float, weight_decay: float, max_epochs: int,
                   patience: int, batch_size: int, rng: np.random.Generator
@@ -218,15 +335,17 @@ def train_members(model: MILEnsemble, groups: list[Group], n: int, y: np.ndarray
     best = torch.full((k,), float("inf"))
     best_epoch = np.full(k, max_epochs)
     best_state = {n_: p.detach().clone() for n_, p in model.stacked.items()}
+    chunks = fold_chunks(groups, fold_of, k)  # validation: member k on fold k only
+    held = np.arange(k)  # the members whose parameters the model holds, in stacked order
     ran = 0
     for epoch in range(1, max_epochs + 1):
         model.train()
         stalled = (epoch - 1 - best_epoch >= patience) & np.isfinite(best.numpy())
         if stalled.all():
             break
-        # stalled members are no longer computed (their best weights are kept aside)
-        act = torch.from_numpy(np.flatnonzero(~stalled))
-        model.active = None if act.numel() == k else act
+        if stalled[held].any():  # stalled members leave the model and the optimiser
+            held = _drop_members(model, opt, held, ~stalled[held])
+        act = torch.from_numpy(held)
         w_act = w_tr_t.index_select(0, act)
         batches = [(g, chunk) for g in groups
                    for chunk in np.array_split(rng.permutation(len(g.pos)),
@@ -242,20 +361,20 @@ def train_members(model: MILEnsemble, groups: list[Group], n: int, y: np.ndarray
             opt.step()
         ran = epoch
         vl = best.clone()
-        vl[act] = _member_bce(member_logits(model, groups, n), y_t, w_va_t.index_select(0, act))
+        z_va = chunk_logits(model, chunks, n, held).expand(held.size, n)
+        vl[act] = _member_bce(z_va, y_t, w_va_t.index_select(0, act))  # fold k's weights only
         improved = vl < best - 1e-6
         if bool(improved.any()):
             best = torch.where(improved, vl, best)
             best_epoch[improved.numpy()] = epoch
+            imp = improved.numpy()[held]  # among the held members
             with torch.no_grad():
                 for name, p in model.stacked.items():
-                    sel = improved.view(-1, *([1] * (p.dim() - 1)))
-                    best_state[name] = torch.where(sel, p, best_state[name])
+                    best_state[name][torch.from_numpy(held[imp])] = p[torch.from_numpy(imp)]
+    with torch.no_grad():  # every member's best weights, all K held again
+        for name in list(model.stacked):
+            model.stacked[name] = nn.Parameter(best_state[name])
     model.active = None
-    with torch.no_grad():
-        for name, p in model.stacked.items():
-            p.copy_(best_state[name])
     model.eval()
-    z = member_logits(model, groups, n).numpy()
-    oof = z[fold_of, np.arange(n)]
+    oof = chunk_logits(model, chunks, n).numpy()
     return best_epoch, ran, oof

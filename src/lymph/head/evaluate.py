@@ -134,28 +134,94 @@ def _run_fold(make_model: Callable[[], Any], store: Any, fold: Fold
 #: What forked fold workers read (set before the pool starts; fork shares it, no pickling).
 _JOB: dict[str, Any] = {}
 
+#: One unit of work: a model factory and the fold to fit and score it on.
+Task = tuple[Callable[[], Any], Fold]
 
-def _fold_worker(k: int) -> tuple[int, FoldResult, np.ndarray, dict[str, Any]]:
+
+def _task_worker(k: int) -> tuple[int, FoldResult, np.ndarray, dict[str, Any]]:
     import torch
 
     torch.set_num_threads(1)
-    return (k, *_run_fold(_JOB["make"], _JOB["store"], _JOB["folds"][k]))
+    make, fold = _JOB["tasks"][k]
+    out = (k, *_run_fold(make, _JOB["store"], fold))
+    _release_memory()  # a worker runs many tasks: hand the last one's heap back
+    return out
 
 
-def _parallel_folds(make_model: Callable[[], Any], store: Any, folds_list: list[Fold],
-                    n_jobs: int) -> Any:
-    """Yield ``(k, FoldResult, p, extra)`` as folds finish in ``n_jobs`` forked processes."""
+def _release_memory() -> None:
+    """Free what the finished task left: cycles, then glibc's unused heap (``malloc_trim``;
+    a no-op where glibc is absent). Peak memory of long-lived workers, not results."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def run_tasks(tasks: list[Task], store: Any, n_jobs: int = 1,
+              order: list[int] | None = None) -> Any:
+    """Yield ``(k, FoldResult, p, extra)`` for task ``k`` of ``tasks`` as each finishes.
+
+    ``n_jobs > 1``: in that many forked worker processes (POSIX ``fork``: the store is
+    shared, not copied), started in ``order`` (default: as given; put the longest first
+    so that no long task starts last). Each fold's model is seeded by its own parameters
+    and trains on one thread, so results do not depend on ``n_jobs`` or ``order``.
+    """
+    import sys
+
+    order = list(range(len(tasks))) if order is None else list(order)
+    jobs = min(n_jobs, len(tasks)) if sys.platform != "win32" else 1
+    if jobs <= 1:
+        for k in order:
+            make, fold = tasks[k]
+            yield (k, *_run_fold(make, store, fold))
+        return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    _JOB.update(make=make_model, store=store, folds=folds_list)
+    _JOB.update(tasks=tasks, store=store)
     try:
-        with ProcessPoolExecutor(max_workers=n_jobs, mp_context=mp.get_context("fork")) as ex:
-            futs = [ex.submit(_fold_worker, k) for k in range(len(folds_list))]
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork")) as ex:
+            futs = [ex.submit(_task_worker, k) for k in order]
             for fut in as_completed(futs):
                 yield fut.result()
     finally:
         _JOB.clear()
+
+
+class _Collector:
+    """Assembles one model's :class:`CVResult` from fold results arriving in any order."""
+
+    def __init__(self, store: Any, folds_list: list[Fold]) -> None:
+        repeats = max(f[0] for f in folds_list) + 1
+        n = store.n_patients
+        self.store, self.n_folds = store, len(folds_list)
+        self.oof = np.full((repeats, n), np.nan)
+        self.oof_t = np.full((repeats, n), np.nan)
+        self.oof_f = np.full((repeats, n), -1, dtype=np.int64)
+        self.by_k: dict[int, FoldResult] = {}
+
+    def add(self, k: int, fr: FoldResult, p: np.ndarray) -> int:
+        self.by_k[k] = fr
+        self.oof[fr.repeat, fr.test_rows] = p
+        self.oof_t[fr.repeat, fr.test_rows] = fr.threshold
+        self.oof_f[fr.repeat, fr.test_rows] = fr.fold
+        return len(self.by_k)
+
+    def result(self, seconds: float) -> CVResult:
+        return CVResult(ids=self.store.ids, labels=self.store.labels,
+                        folds=[self.by_k[k] for k in range(self.n_folds)], oof=self.oof,
+                        oof_threshold=self.oof_t, oof_fold=self.oof_f, seconds=seconds)
+
+
+def _check_cv_args(folds_list: list[Fold], n_jobs: int) -> None:
+    if not folds_list:
+        raise LymphError("cross_validate: no folds (empty selection)")
+    if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs < 1:
+        raise LymphError(f"n_jobs: expected an integer >= 1, got {n_jobs!r}")
 
 
 def cross_validate(make_model: Callable[[], Any], store: Any, folds_list: list[Fold],
@@ -169,34 +235,48 @@ def cross_validate(make_model: Callable[[], Any], store: Any, folds_list: list[F
     ``extras``: filled with ``model.cv_extra(test_store)`` per fold index when the model
     has that method (the comparison's instance weights).
     """
-    if not folds_list:
-        raise LymphError("cross_validate: no folds (empty selection)")
-    if not isinstance(n_jobs, int) or n_jobs < 1:
-        raise LymphError(f"n_jobs: expected an integer >= 1, got {n_jobs!r}")
-    repeats = max(f[0] for f in folds_list) + 1
-    n = store.n_patients
-    oof = np.full((repeats, n), np.nan)
-    oof_t = np.full((repeats, n), np.nan)
-    oof_f = np.full((repeats, n), -1, dtype=np.int64)
-    by_k: dict[int, FoldResult] = {}
+    _check_cv_args(folds_list, n_jobs)
+    col = _Collector(store, folds_list)
     t_all = time.perf_counter()
-    import sys
-
-    jobs = min(n_jobs, len(folds_list)) if sys.platform != "win32" else 1
-    runs = (_parallel_folds(make_model, store, folds_list, jobs) if jobs > 1 else
-            ((k, *_run_fold(make_model, store, fold)) for k, fold in enumerate(folds_list)))
-    for done, (k, fr, p, extra) in enumerate(runs, start=1):
-        by_k[k] = fr
-        oof[fr.repeat, fr.test_rows] = p
-        oof_t[fr.repeat, fr.test_rows] = fr.threshold
-        oof_f[fr.repeat, fr.test_rows] = fr.fold
+    for k, fr, p, extra in run_tasks([(make_model, f) for f in folds_list], store, n_jobs):
+        done = col.add(k, fr, p)
         if extras is not None and extra:
             extras[k] = extra
         if progress is not None:
             progress(done, len(folds_list))
-    results = [by_k[k] for k in range(len(folds_list))]
-    return CVResult(ids=store.ids, labels=store.labels, folds=results, oof=oof,
-                    oof_threshold=oof_t, oof_fold=oof_f, seconds=time.perf_counter() - t_all)
+    return col.result(time.perf_counter() - t_all)
+
+
+def cross_validate_many(makers: dict[str, Callable[[], Any]], store: Any,
+                        folds_list: list[Fold],
+                        progress: Callable[[str, int, int], None] | None = None,
+                        n_jobs: int = 1, extras: dict[str, dict[int, dict[str, Any]]] | None = None,
+                        cost: dict[str, float] | None = None) -> dict[str, CVResult]:
+    """:func:`cross_validate` of several models on the same folds, every (model, fold) pair
+    one task of a single pool: with ``n_jobs`` workers, no worker waits for the last fold
+    of one model before the next model starts. ``cost`` (relative time per fold, default 1)
+    only orders the tasks, most costly first; results do not depend on it nor on
+    ``n_jobs``. ``progress(name, done, total)`` after each fold; ``extras[name]`` as in
+    :func:`cross_validate`. Each result's ``seconds`` is the sum of its folds' times (with
+    ``n_jobs == 1``, its own wall time).
+    """
+    _check_cv_args(folds_list, n_jobs)
+    names = list(makers)
+    tasks: list[Task] = [(makers[n], f) for n in names for f in folds_list]
+    nf = len(folds_list)
+    c = cost or {}
+    order = (sorted(range(len(tasks)), key=lambda t: -float(c.get(names[t // nf], 1.0)))
+             if n_jobs > 1 else None)  # one process: model after model
+    cols = {n: _Collector(store, folds_list) for n in names}
+    for t, fr, p, extra in run_tasks(tasks, store, n_jobs, order):
+        name, k = names[t // nf], t % nf
+        done = cols[name].add(k, fr, p)
+        if extras is not None and extra:
+            extras.setdefault(name, {})[k] = extra
+        if progress is not None:
+            progress(name, done, nf)
+    return {n: cols[n].result(float(sum(f.seconds for f in cols[n].by_k.values())))
+            for n in names}
 
 
 def summarise(cv: CVResult) -> dict[str, dict[str, float]]:
