@@ -136,7 +136,10 @@ def tmp_leftovers(folder: Path, name: str) -> list[Path]:
 
 
 SLOW_CHILD = r"""
-import importlib, json, os, sys, time
+import importlib, json, os, signal, sys, time
+# a terminal's Ctrl-C: the test runner may itself run with SIGINT ignored (started in the
+# background by a non-interactive shell), which every child would inherit
+signal.signal(signal.SIGINT, signal.default_int_handler)
 spec = json.loads(sys.argv[1])
 import lymph.data.cache as cache
 cache.CHUNK = 8  # several chunks: the fork pool runs
