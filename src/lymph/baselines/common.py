@@ -133,6 +133,37 @@ def finish_fusion_logistic(z: np.ndarray, y: np.ndarray, c: float, oof: np.ndarr
             float(lr.intercept_[0]))
 
 
+def fusion_state(est: Any) -> dict[str, Any]:
+    """The JSON state every fusion-regression estimator shares (model directory; no
+    pickles): its input columns, the fusion scaler and the regression."""
+    return {
+        "clinical_columns": list(est.clinical_columns_),
+        "feature_columns": est.feature_columns_,
+        "dim": int(est.dim_),
+        "fusion_scaler": est.fusion_scaler_.to_json(),
+        "coef": [float(v) for v in est.coef_],
+        "intercept": float(est.intercept_),
+        "C": float(est.C_),
+        "threshold": float(est.threshold_),
+        "coefficients": est.coefficients(),
+    }
+
+
+def restore_fusion_state(est: Any, d: dict[str, Any]) -> None:
+    """Set on ``est`` what :func:`fusion_state` saved."""
+    from lymph.head.bags import Scaler
+
+    est.classes_ = np.array([0, 1])
+    est.clinical_columns_ = list(d["clinical_columns"])
+    est.feature_columns_ = d["feature_columns"]
+    est.dim_ = int(d["dim"])
+    est.fusion_scaler_ = Scaler.from_json(d["fusion_scaler"])
+    est.coef_ = np.asarray(d["coef"], dtype=np.float64)
+    est.intercept_ = float(d["intercept"])
+    est.C_ = float(d["C"])
+    est.threshold_ = float(d["threshold"])
+
+
 def _proba(p: np.ndarray) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64)
     return np.stack([1.0 - p, p], axis=1)

@@ -46,6 +46,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from lymph.baselines.common import (
     check_predict_store,
     finish_fusion_logistic,
+    fusion_state,
+    restore_fusion_state,
     search_fusion_C,
     _check_threshold,
     _inner_folds,
@@ -245,19 +247,11 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
             params["n_prototypes"] = int(params["n_prototypes"])
         return {
             "params": params,
-            "clinical_columns": list(self.clinical_columns_),
-            "feature_columns": self.feature_columns_,
-            "dim": int(self.dim_),
             "instance_scaler": self.instance_scaler_.to_json(),
             "n_prototypes": self.n_prototypes_,
             "prototype_losses": {k: float(v) for k, v in self.prototype_losses_.items()},
             "centres": [[float(v) for v in row] for row in self.centres_],
-            "fusion_scaler": self.fusion_scaler_.to_json(),
-            "coef": [float(v) for v in self.coef_],
-            "intercept": float(self.intercept_),
-            "C": float(self.C_),
-            "threshold": float(self.threshold_),
-            "coefficients": self.coefficients(),
+            **fusion_state(self),
         }
 
     @classmethod
@@ -352,19 +346,11 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
         params["Cs"] = tuple(params["Cs"])
         params["prototype_grid"] = tuple(params["prototype_grid"])
         est = cls(**params)
-        est.classes_ = np.array([0, 1])
-        est.clinical_columns_ = list(d["clinical_columns"])
-        est.feature_columns_ = d["feature_columns"]
-        est.dim_ = int(d["dim"])
+        restore_fusion_state(est, d)
         est.instance_scaler_ = Scaler.from_json(d["instance_scaler"])
         est.n_prototypes_ = int(d["n_prototypes"])
         est.prototype_losses_ = {str(k): float(v) for k, v in d.get("prototype_losses", {}).items()}
         est.centres_ = np.asarray(d["centres"], dtype=np.float64).reshape(est.n_prototypes_, est.dim_)
-        est.fusion_scaler_ = Scaler.from_json(d["fusion_scaler"])
-        est.coef_ = np.asarray(d["coef"], dtype=np.float64)
-        est.intercept_ = float(d["intercept"])
-        est.C_ = float(d["C"])
-        est.threshold_ = float(d["threshold"])
         return est
 
 

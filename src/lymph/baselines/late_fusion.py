@@ -12,6 +12,8 @@ from lymph.baselines.common import (
     check_fusion_params,
     check_predict_store,
     fit_fusion_logistic,
+    fusion_state,
+    restore_fusion_state,
     _inner_folds,
     _need_clinical,
     _proba,
@@ -195,19 +197,11 @@ class LateFusion(BaseEstimator, ClassifierMixin):
         params["Cs"] = [float(c) for c in params["Cs"]]
         return {
             "params": params,
-            "clinical_columns": list(self.clinical_columns_),
-            "feature_columns": self.feature_columns_,
-            "dim": int(self.dim_),
             "logit_column": self.logit_column_,
             "instance_scaler": None if self.instance_scaler_ is None else self.instance_scaler_.to_json(),
             "projection": None if self.projection_ is None else {
                 "coef": [float(v) for v in self.projection_[0]], "intercept": self.projection_[1]},
-            "fusion_scaler": self.fusion_scaler_.to_json(),
-            "coef": [float(v) for v in self.coef_],
-            "intercept": self.intercept_,
-            "C": self.C_,
-            "threshold": float(self.threshold_),
-            "coefficients": self.coefficients(),
+            **fusion_state(self),
         }
 
     @classmethod
@@ -215,18 +209,10 @@ class LateFusion(BaseEstimator, ClassifierMixin):
         params = dict(d["params"])
         params["Cs"] = tuple(params["Cs"])
         est = cls(**params)
-        est.classes_ = np.array([0, 1])
-        est.clinical_columns_ = list(d["clinical_columns"])
-        est.feature_columns_ = d["feature_columns"]
-        est.dim_ = int(d["dim"])
+        restore_fusion_state(est, d)
         est.logit_column_ = d["logit_column"]
         est.instance_scaler_ = None if d["instance_scaler"] is None else Scaler.from_json(d["instance_scaler"])
         pj = d["projection"]
         est.projection_ = None if pj is None else (np.asarray(pj["coef"], dtype=np.float64),
                                                    float(pj["intercept"]))
-        est.fusion_scaler_ = Scaler.from_json(d["fusion_scaler"])
-        est.coef_ = np.asarray(d["coef"], dtype=np.float64)
-        est.intercept_ = float(d["intercept"])
-        est.C_ = float(d["C"])
-        est.threshold_ = float(d["threshold"])
         return est

@@ -238,6 +238,23 @@ def fail(env: DistEnv, exc: BaseException) -> BaseException:
     return exc
 
 
+@contextlib.contextmanager
+def session(device: str = "auto") -> Any:
+    """``with session(device) as env:`` :func:`setup`, then on any failure :func:`fail` (the
+    other ranks are told, or this one stops quietly if another failed first), and
+    :func:`teardown` on every exit."""
+    env = setup(device)
+    try:
+        yield env
+    except BaseException as e:  # tell the other ranks (or stop quietly if one failed first)
+        err = fail(env, e)
+        if err is e:
+            raise
+        raise err from None
+    finally:
+        teardown(env)
+
+
 class _Watchdog:
     """Polls the store for another rank's failure; then stops this process.
 

@@ -75,20 +75,12 @@ def run_embed(
     # under torchrun every check below runs inside the process group, so that an error
     # that every rank meets is printed once (D.fail) and one that a single rank meets (a
     # file it cannot read) stops the others
-    env = D.setup(device)
-    try:
+    with D.session(device) as env:
         return _run_embed(env, out=out, data=data, images=images, method=method, dim=dim,
                           epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           device=device, encoder=encoder, resume=resume, size=size,
                           cache=cache, progress=progress, crop=crop, folds=folds,
                           lr_schedule=lr_schedule, tta=tta)
-    except BaseException as e:  # tell the other ranks (or stop quietly if one failed first)
-        err = D.fail(env, e)
-        if err is e:
-            raise
-        raise err from None
-    finally:
-        D.teardown(env)
 
 
 def _encoder_settings(encoder: str | Path) -> dict[str, Any]:
@@ -306,8 +298,7 @@ def run_combination(*, out: Path, data: str | Path | None, images: str | Path | 
     if cache is not None:
         raise LymphError(f"cache: not with a combined method ({method}); each part's "
                          "cache goes beside the store (OUT.<part>.images-<size>px.zarr)")
-    env = D.setup(device)  # held across the parts, so torchrun's process group lives on
-    try:
+    with D.session(device) as env:  # held across the parts: torchrun's process group lives on
         # rank 0 reads the checkpoint; the other ranks get it
         given = D.main_decides(env, lambda: load_checkpoint(encoder)) if encoder is not None else None
         if given is not None:
@@ -369,10 +360,3 @@ def run_combination(*, out: Path, data: str | Path | None, images: str | Path | 
         summary.notes.append(f"combined {method}: checkpoint {combined} (all parts, for "
                              "`lymph predict --data`)")
         return summary
-    except BaseException as e:  # tell the other ranks (or stop quietly if one failed first)
-        err = D.fail(env, e)
-        if err is e:
-            raise
-        raise err from None
-    finally:
-        D.teardown(env)
