@@ -32,6 +32,17 @@ def test_bag_stats_match_a_loop() -> None:
         bag_stats(emb, np.array([0, 0, 9]))
 
 
+def test_bag_stats_of_float32_equal_those_of_its_float64_copy() -> None:
+    # float32 stores are summed in float64 without a float64 copy (cohort scale): the same
+    # numbers to the last bit as converting first
+    rng = np.random.default_rng(1)
+    emb = (rng.normal(size=(5000, 4)) * 1e3 + 3.3).astype(np.float32)
+    ptr = np.r_[0, np.sort(rng.choice(np.arange(1, 5000), 99, replace=False)), 5000]
+    got = bag_stats(emb, ptr)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, bag_stats(emb.astype(np.float64), ptr))
+
+
 @pytest.mark.parametrize("make", [lambda: BagStatsForest(n_estimators=100),
                                   lambda: BagStatsBoosting(max_iter=50)])
 def test_learns_planted_signal_not_shuffled_labels(make) -> None:

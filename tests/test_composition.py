@@ -44,6 +44,18 @@ def test_bag_proportions_matches_a_loop() -> None:
     np.testing.assert_array_equal(got, want)
 
 
+def test_nearest_centre_in_blocks_equals_the_whole_matrix() -> None:
+    from lymph.baselines.composition import _nearest
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(1000, 5)).astype(np.float32)
+    c = rng.normal(size=(7, 5))
+    xd = x.astype(np.float64)
+    want = np.argmin(((xd[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
+    for block in (1, 64, 999, 1 << 16):
+        np.testing.assert_array_equal(_nearest(x, c, block=block), want)
+
+
 def test_composition_finds_a_planted_proportion_signal() -> None:
     train, test = _composition_store(seed=0), _composition_store(seed=1)
     for clinical in (True, False):

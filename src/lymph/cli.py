@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TypeVar
@@ -756,6 +757,12 @@ def bench(
 
 
 def main() -> None:  # pragma: no cover
+    # numpy asks the kernel for transparent huge pages for its large arrays; where the kernel
+    # then compacts memory on each such fault (THP defrag "madvise", common), the stage-two
+    # fits' large temporaries cost 2-3 s of system time per fold at cohort scale (issue 17,
+    # docs/benchmarks.md). Read by numpy at import, before any command imports it; results
+    # do not depend on it, and a user's own setting wins.
+    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
     app()
 
 

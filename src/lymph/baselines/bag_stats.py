@@ -37,10 +37,12 @@ def bag_stats(emb: np.ndarray, ptr: np.ndarray) -> np.ndarray:
     if (sizes == 0).any():
         raise LymphError("bag_stats: a bag without instances (expected at least one)")
     start = ptr[:-1]
-    x = np.asarray(emb, dtype=np.float64)
-    mean = np.add.reduceat(x, start, axis=0) / sizes[:, None]
+    x = np.asarray(emb)
+    if x.dtype != np.float32:  # float32 (the stores') is summed in float64 without a copy
+        x = x.astype(np.float64)
+    mean = np.add.reduceat(x, start, axis=0, dtype=np.float64) / sizes[:, None]
     return np.concatenate([mean, np.maximum.reduceat(x, start, axis=0),
-                           np.minimum.reduceat(x, start, axis=0)], axis=1)
+                           np.minimum.reduceat(x, start, axis=0)], axis=1, dtype=np.float64)
 
 
 class _BagStats(BaseEstimator, ClassifierMixin):

@@ -99,21 +99,28 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
         return "images+clinical" if self.clinical else "images"
 
     # ---- prototypes ------------------------------------------------------------------------
-    def _assign(self, store: Any, rows: np.ndarray, centres: np.ndarray | None = None) -> np.ndarray:
-        x = self.instance_scaler_.transform(instances_of(store.embeddings, store.patient_ptr, rows))
-        return _nearest(np.asarray(x, dtype=np.float64), self.centres_ if centres is None else centres)
+    def _standardised(self, store: Any, rows: np.ndarray) -> np.ndarray:
+        """The cells of ``rows``, standardised by the fitted instance scaler (float32)."""
+        return self.instance_scaler_.transform(instances_of(store.embeddings, store.patient_ptr, rows))
 
-    def _composition(self, store: Any, rows: np.ndarray, centres: np.ndarray | None = None
-                     ) -> np.ndarray:
+    def _assign(self, store: Any, rows: np.ndarray, centres: np.ndarray | None = None,
+                cells: np.ndarray | None = None) -> np.ndarray:
+        x = self._standardised(store, rows) if cells is None else cells
+        return _nearest(x, self.centres_ if centres is None else centres)
+
+    def _composition(self, store: Any, rows: np.ndarray, centres: np.ndarray | None = None,
+                     cells: np.ndarray | None = None) -> np.ndarray:
         c = self.centres_ if centres is None else centres
         sizes = store.bag_sizes[rows]
         k = c.shape[0]
-        counts = bag_proportions(self._assign(store, rows, c), sizes, k)
+        counts = bag_proportions(self._assign(store, rows, c, cells), sizes, k)
         return np.log((counts + 0.5) / (sizes[:, None] + 0.5 * k))
 
-    def _features(self, store: Any, rows: np.ndarray, centres: np.ndarray | None = None
-                  ) -> np.ndarray:
-        comp = self._composition(store, rows, centres)
+    def _features(self, store: Any, rows: np.ndarray, centres: np.ndarray | None = None,
+                  cells: np.ndarray | None = None) -> np.ndarray:
+        """``cells``: the standardised cells of ``rows`` when the caller has them already
+        (fit: once for every ``K`` of the grid, not once per ``K``)."""
+        comp = self._composition(store, rows, centres, cells)
         if not self.clinical:
             return comp
         clin = clinical_matrix(store, self.clinical_columns_)[rows].astype(np.float64)
@@ -160,10 +167,13 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
                              f"n_prototypes={grid[0]}")
         grid = tuple(k for k in grid if k <= cells.shape[0])
         self.instance_scaler_ = Scaler.fit(cells)
-        x = np.asarray(self.instance_scaler_.transform(cells), dtype=np.float64)
+        standardised = self.instance_scaler_.transform(cells)  # float32, reused for every K
+        del cells
         rng = np.random.default_rng(self.seed)
+        x = standardised
         if x.shape[0] > self.max_cells:
             x = x[np.sort(rng.choice(x.shape[0], self.max_cells, replace=False))]
+        x = np.asarray(x, dtype=np.float64)
         inner = _inner_folds(y, self.inner_folds, self.seed)
         auto = len(grid) > 1
         if auto and not inner:  # nothing to choose with: the grid's middle K
@@ -173,7 +183,7 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
         for k in grid:  # ascending: ties go to the smaller K
             centres = KMeans(n_clusters=k, n_init=self.n_init,
                              random_state=self.seed).fit(x).cluster_centers_.astype(np.float64)
-            feats = self._features(store, rows, centres)
+            feats = self._features(store, rows, centres, standardised)
             scaler = Scaler.fit(feats)
             z = np.asarray(scaler.transform(feats), dtype=np.float64)
             c, loss, oof = search_fusion_C(z, y, self.Cs, inner,
@@ -354,7 +364,12 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
         return est
 
 
-def _nearest(x: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Index of the nearest centre (squared Euclidean) of each row of ``x``."""
-    d = (x * x).sum(1)[:, None] - 2.0 * x @ c.T + (c * c).sum(1)[None, :]
-    return np.argmin(d, axis=1).astype(np.int64)
+def _nearest(x: np.ndarray, c: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+    """Index of the nearest centre (squared Euclidean, in float64) of each row of ``x``, in
+    blocks of rows: a million float32 cells never become one float64 copy (cohort scale)."""
+    out = np.empty(x.shape[0], dtype=np.int64)
+    cc = (c * c).sum(1)[None, :]
+    for s in range(0, x.shape[0], block):  # blocks of rows, not a loop over bags
+        b = np.asarray(x[s : s + block], dtype=np.float64)
+        out[s : s + block] = np.argmin((b * b).sum(1)[:, None] - 2.0 * b @ c.T + cc, axis=1)
+    return out
