@@ -24,6 +24,7 @@ from lymph.errors import LymphError
 from lymph.head.bags import Scaler, check_bags, instances_of
 from lymph.head.base import clinical_matrix, labelled_rows
 from lymph.head.base import where as _where
+from lymph.store import bag_rows
 
 LOGIT_COLUMNS = ("logit", "weak:logit")
 
@@ -38,6 +39,12 @@ def logit_column(store: Any) -> str | None:
             return name
     hits = [c for c in cols if c.endswith(":logit")]
     return hits[0] if hits else None
+
+
+def cells_of(cells: np.ndarray, ptr: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The rows of ``cells`` (the instances of some patients, concatenated; bag ``i`` is
+    ``cells[ptr[i]:ptr[i + 1]]``) that belong to the patients at positions ``idx``."""
+    return cells[bag_rows(ptr, idx)[0]]
 
 
 class LateFusion(BaseEstimator, ClassifierMixin):
@@ -81,13 +88,15 @@ class LateFusion(BaseEstimator, ClassifierMixin):
         self.n_threads = n_threads
 
     # ---- image scores ----------------------------------------------------------------------
-    def _fit_projection(self, store: Any, rows: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    def _fit_projection(self, store: Any, rows: np.ndarray, y: np.ndarray,
+                        cells: np.ndarray | None = None) -> tuple[np.ndarray, float]:
         """Instance-level LR on the patients ``rows`` (labels ``y``): (coef (D,), intercept)
-        in the space of instances standardised by ``self.instance_scaler_``."""
+        in the space of instances standardised by ``self.instance_scaler_`` (``cells``: those
+        standardised instances, when the caller has them)."""
         from sklearn.linear_model import LogisticRegression
 
         sizes = store.bag_sizes[rows]
-        x = self.instance_scaler_.transform(instances_of(store.embeddings, store.patient_ptr, rows))
+        x = self._standardised(store, rows) if cells is None else cells
         yi = np.repeat(y, sizes)
         counts = np.bincount(y, minlength=2).astype(np.float64)
         w = np.repeat((len(y) / (2.0 * counts))[y] / sizes, sizes)
@@ -95,19 +104,24 @@ class LateFusion(BaseEstimator, ClassifierMixin):
         lr.fit(x, yi, sample_weight=w)
         return lr.coef_[0].astype(np.float64), float(lr.intercept_[0])
 
-    def _cell_scores(self, store: Any, rows: np.ndarray, proj: tuple[np.ndarray, float] | None
-                     ) -> np.ndarray:
-        emb = instances_of(store.embeddings, store.patient_ptr, rows)
+    def _standardised(self, store: Any, rows: np.ndarray) -> np.ndarray:
+        """The instances of ``rows``, standardised by the fitted instance scaler (float32)."""
+        return self.instance_scaler_.transform(instances_of(store.embeddings, store.patient_ptr, rows))
+
+    def _cell_scores(self, store: Any, rows: np.ndarray, proj: tuple[np.ndarray, float] | None,
+                     cells: np.ndarray | None = None) -> np.ndarray:
         if self.logit_column_ is not None:
+            emb = instances_of(store.embeddings, store.patient_ptr, rows)
             return emb[:, list(store.feature_columns).index(self.logit_column_)].astype(np.float64)
         assert proj is not None
-        return self.instance_scaler_.transform(emb).astype(np.float64) @ proj[0] + proj[1]
+        x = self._standardised(store, rows) if cells is None else cells
+        return x.astype(np.float64) @ proj[0] + proj[1]
 
-    def _bag_features(self, store: Any, rows: np.ndarray, proj: tuple[np.ndarray, float] | None
-                      ) -> np.ndarray:
+    def _bag_features(self, store: Any, rows: np.ndarray, proj: tuple[np.ndarray, float] | None,
+                      cells: np.ndarray | None = None) -> np.ndarray:
         sizes = store.bag_sizes[rows]
         ptr = np.concatenate([[0], np.cumsum(sizes)])
-        mean, q = bag_mean_quantile(self._cell_scores(store, rows, proj), ptr, self.quantile)
+        mean, q = bag_mean_quantile(self._cell_scores(store, rows, proj, cells), ptr, self.quantile)
         return np.stack([mean, q], axis=1)
 
     # ---- fit -----------------------------------------------------------------------------------
@@ -132,14 +146,23 @@ class LateFusion(BaseEstimator, ClassifierMixin):
             img = self._bag_features(store, rows, None)
         else:
             self.instance_scaler_ = Scaler.fit(instances_of(store.embeddings, store.patient_ptr, rows))
+            # standardised once; each inner fold takes its patients' rows of it (the same
+            # numbers as standardising them apart: the scaler works element by element)
+            cells = self._standardised(store, rows)
+            ptr = np.concatenate([[0], np.cumsum(store.bag_sizes[rows])])
+
+            def part(idx: np.ndarray) -> np.ndarray:
+                return cells_of(cells, ptr, idx)
+
             img = np.zeros((rows.size, 2))
             if inner:  # nested: OOF image scores for the fusion regression's training
                 for tr, va in inner:
-                    proj = self._fit_projection(store, rows[tr], y[tr])
-                    img[va] = self._bag_features(store, rows[va], proj)
-            self.projection_ = self._fit_projection(store, rows, y)
+                    proj = self._fit_projection(store, rows[tr], y[tr], part(tr))
+                    img[va] = self._bag_features(store, rows[va], proj, part(va))
+            self.projection_ = self._fit_projection(store, rows, y, cells)
             if not inner:
-                img = self._bag_features(store, rows, self.projection_)
+                img = self._bag_features(store, rows, self.projection_, cells)
+            del cells
         clin = clinical_matrix(store, self.clinical_columns_)[rows].astype(np.float64)
         feats = np.concatenate([clin, img], axis=1)
         self.fusion_scaler_ = Scaler.fit(feats)
