@@ -260,7 +260,7 @@ def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], An
     task of a pool of that many worker processes, the most costly models' folds first
     (``ModelSpec.cost``); same results (:func:`~lymph.head.evaluate.cross_validate_many`).
     """
-    from lymph.baselines import blas_threads
+    from lymph.baselines import native_threads
 
     if not models:
         raise LymphError("compare: no models to run (empty selection)")
@@ -279,7 +279,7 @@ def compare(store: Any, models: dict[str, ModelSpec] | dict[str, Callable[[], An
     results: dict[str, ModelResult] = {}
     makers = {n: (lambda s=spec: _Recorder(s.make())) for n, spec in specs.items()}
     extras: dict[str, dict[int, dict[str, Any]]] = {}
-    with blas_threads(1):  # every (model, fold) pair one task of one pool (n_jobs workers)
+    with native_threads(1):  # every (model, fold) pair one task of one pool (n_jobs workers)
         cvs = cross_validate_many(makers, store, fold_list, progress=progress, n_jobs=n_jobs,
                                   extras=extras, cost={n: s.cost for n, s in specs.items()})
     for name, spec in specs.items():

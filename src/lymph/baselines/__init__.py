@@ -24,9 +24,9 @@ split for early stopping and the threshold.
 """
 from lymph.baselines.bag_stats import BagStatsBoosting, BagStatsForest, bag_stats
 from lymph.baselines.clinical import AdaBoostClinical, LogisticClinical
-from lymph.baselines.common import bag_mean_quantile, blas_threads
+from lymph.baselines.common import bag_mean_quantile, native_threads
 from lymph.baselines.late_fusion import LOGIT_COLUMNS, LateFusion, logit_column
 from lymph.baselines.moe import MixtureOfExperts, MoENet
 
 __all__ = ["AdaBoostClinical", "BagStatsBoosting", "BagStatsForest", "bag_stats", "LOGIT_COLUMNS", "LateFusion", "LogisticClinical",
-           "MixtureOfExperts", "MoENet", "bag_mean_quantile", "blas_threads", "logit_column"]
+           "MixtureOfExperts", "MoENet", "bag_mean_quantile", "native_threads", "logit_column"]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from lymph.baselines.common import _check_threshold, _inner_folds, _oof, _proba, blas_threads
+from lymph.baselines.common import _check_threshold, _inner_folds, _oof, _proba, native_threads
 from lymph.errors import LymphError
 from lymph.head.bags import check_bags
 from lymph.head.base import clinical_matrix, labelled_rows
@@ -66,7 +66,7 @@ class _BagStats(BaseEstimator, ClassifierMixin):
         return _oof(self._make, x, y, folds) if folds else None
 
     def fit(self, store: Any) -> Any:
-        with blas_threads(1):
+        with native_threads(1):
             _check_threshold(self.threshold)
             rows, y = labelled_rows(store)
             self.clinical_columns_ = list(store.clinical_columns) if self.clinical else []
@@ -89,7 +89,7 @@ class _BagStats(BaseEstimator, ClassifierMixin):
             raise LymphError(f"{store.path or 'store'}: /embeddings: expected {self.dim_} "
                              f"features per instance, got {store.dim}")
         x = self._features(store, np.arange(store.n_patients))
-        with blas_threads(1):
+        with native_threads(1):
             return _proba(self.model_.predict_proba(x)[:, 1])
 
     def predict(self, store: Any) -> np.ndarray:

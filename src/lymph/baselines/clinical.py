@@ -14,7 +14,7 @@ from lymph.baselines.common import (
     _oof,
     _proba,
     _threshold,
-    blas_threads,
+    native_threads,
 )
 from lymph.errors import LymphError
 from lymph.head.base import clinical_matrix, labelled_rows
@@ -30,7 +30,7 @@ class _ClinicalSK(BaseEstimator, ClassifierMixin):
         raise NotImplementedError
 
     def fit(self, store: Any) -> Any:
-        with blas_threads(self.n_threads):
+        with native_threads(self.n_threads):
             return self._fit(store)
 
     def _fit(self, store: Any) -> Any:
@@ -49,7 +49,7 @@ class _ClinicalSK(BaseEstimator, ClassifierMixin):
         if not hasattr(self, "model_"):
             raise LymphError(f"{type(self).__name__}: not fitted (call fit first)")
         x = clinical_matrix(store, self.clinical_columns_).astype(np.float64)
-        with blas_threads(self.n_threads):
+        with native_threads(self.n_threads):
             return _proba(self.model_.predict_proba(x)[:, 1])
 
     def predict(self, store: Any) -> np.ndarray:

@@ -43,16 +43,18 @@ def _oof(make: Any, x: np.ndarray, y: np.ndarray, folds: list) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def blas_threads(n: int | None = 1) -> Iterator[None]:
-    """Limit the BLAS threads (OpenBLAS) while fitting small scikit-learn models: on a
-    shared 2-core machine scipy's L-BFGS on a few thousand rows is ~15x faster with one
-    thread than with two (thread spinning). ``None`` keeps the process setting."""
+def native_threads(n: int | None = 1) -> Iterator[None]:
+    """Limit the native thread pools (BLAS and OpenMP) while fitting small scikit-learn
+    models: on a shared 2-core machine scipy's L-BFGS on a few thousand rows is ~15x faster
+    with one thread than with two (thread spinning), and k-means (OpenMP) is faster with one
+    and gives the same centres whatever the machine's core count (with two threads its
+    centres differ in the last bits, issue 17). ``None`` keeps the process setting."""
     if n is None:
         yield
         return
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=n, user_api="blas"):
+    with threadpool_limits(limits=n):
         yield
 
 

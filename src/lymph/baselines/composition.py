@@ -53,7 +53,7 @@ from lymph.baselines.common import (
     _inner_folds,
     _need_clinical,
     _proba,
-    blas_threads,
+    native_threads,
 )
 from lymph.errors import LymphError
 from lymph.head.bags import Scaler, check_bags, instances_of
@@ -145,7 +145,7 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
 
     # ---- fit -----------------------------------------------------------------------------------
     def fit(self, store: Any) -> CompositionFusion:
-        with blas_threads(self.n_threads):
+        with native_threads(self.n_threads):
             return self._fit(store)
 
     def _fit(self, store: Any) -> CompositionFusion:
@@ -219,7 +219,7 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
 
     def decision_function(self, store: Any) -> np.ndarray:
         rows = self._check_store(store)
-        with blas_threads(getattr(self, "n_threads", 1)):
+        with native_threads(getattr(self, "n_threads", 1)):
             z = self.fusion_scaler_.transform(self._features(store, rows))
         return np.asarray(z, dtype=np.float64) @ self.coef_ + self.intercept_
 

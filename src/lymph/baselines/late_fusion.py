@@ -18,7 +18,7 @@ from lymph.baselines.common import (
     _need_clinical,
     _proba,
     bag_mean_quantile,
-    blas_threads,
+    native_threads,
 )
 from lymph.errors import LymphError
 from lymph.head.bags import Scaler, check_bags, instances_of
@@ -126,7 +126,7 @@ class LateFusion(BaseEstimator, ClassifierMixin):
 
     # ---- fit -----------------------------------------------------------------------------------
     def fit(self, store: Any) -> LateFusion:
-        with blas_threads(self.n_threads):
+        with native_threads(self.n_threads):
             return self._fit(store)
 
     def _fit(self, store: Any) -> LateFusion:
@@ -184,7 +184,7 @@ class LateFusion(BaseEstimator, ClassifierMixin):
     def decision_function(self, store: Any) -> np.ndarray:
         rows = self._check_store(store)
         clin = clinical_matrix(store, self.clinical_columns_).astype(np.float64)
-        with blas_threads(getattr(self, "n_threads", 1)):
+        with native_threads(getattr(self, "n_threads", 1)):
             img = self._bag_features(store, rows, self.projection_)
         feats = np.concatenate([clin, img], axis=1)
         return self.fusion_scaler_.transform(feats).astype(np.float64) @ self.coef_ + self.intercept_

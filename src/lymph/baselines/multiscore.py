@@ -32,7 +32,7 @@ from lymph.baselines.common import (
     _inner_folds,
     _need_clinical,
     _proba,
-    blas_threads,
+    native_threads,
 )
 from lymph.baselines.late_fusion import LateFusion, logit_column
 from lymph.head.bags import Scaler, check_bags, instances_of
@@ -112,7 +112,7 @@ class MultiScoreFusion(BaseEstimator, ClassifierMixin):
         return np.concatenate(out, axis=1)
 
     def fit(self, store: Any) -> MultiScoreFusion:
-        with blas_threads(self.n_threads):
+        with native_threads(self.n_threads):
             return self._fit(store)
 
     def _fit(self, store: Any) -> MultiScoreFusion:
@@ -139,7 +139,7 @@ class MultiScoreFusion(BaseEstimator, ClassifierMixin):
     def decision_function(self, store: Any) -> np.ndarray:
         rows = check_predict_store(self, store)
         clin = clinical_matrix(store, self.clinical_columns_).astype(np.float64)
-        with blas_threads(getattr(self, "n_threads", 1)):
+        with native_threads(getattr(self, "n_threads", 1)):
             feats = np.concatenate([clin, self._image_features(store, rows, True)], axis=1)
         return np.asarray(self.fusion_scaler_.transform(feats), dtype=np.float64) @ self.coef_ \
             + self.intercept_
