@@ -299,3 +299,27 @@ def test_cli_fit_head_composition_and_predict(tmp_path: Path) -> None:
                             "--out", str(tmp_path / "pred2.csv")])
     assert r.exit_code == 1 and "error:" in r.output and "composition.coef" in r.output
     assert not (tmp_path / "pred2.csv").exists()
+
+
+def test_cell_scores_are_each_cells_leave_one_out_push_on_the_logit() -> None:
+    s = _composition_store(n=40)
+    m = CompositionFusion(seed=0).fit(s)
+    scores = m.cell_scores(s)
+    proto = m.prototype_of(s)
+    assert [len(c) for c in scores] == list(s.bag_sizes)
+    for row in (0, 1, 7):
+        sc, pr = scores[row], proto[row]
+        for j in {int(np.flatnonzero(pr == q)[0]) for q in np.unique(pr)}:  # one cell per prototype
+            keep = np.delete(np.arange(s.bag_sizes[row]), j)
+            one = EmbeddingStore(path=None, embeddings=s.bag(row)[keep],
+                                 patient_ptr=np.array([0, keep.size], dtype=np.int64),
+                                 ids=s.ids[[row]], labels=s.labels[[row]],
+                                 clinical=s.clinical[[row]], clinical_columns=s.clinical_columns)
+            want = m.decision_function(s.subset([row]))[0] - m.decision_function(one)[0]
+            assert abs(sc[j] - want) < 1e-4, (row, j, sc[j], want)
+            assert np.all(sc[pr == pr[j]] == sc[j])  # a prototype's cells share the score
+    # the planted malignant cell type (cluster 2) pushes towards malignant, the others do not
+    kind2 = np.concatenate(scores)[np.argmax(s.embeddings, axis=1) == 2]
+    others = np.concatenate(scores)[np.argmax(s.embeddings, axis=1) != 2]
+    assert np.median(kind2) > 0 > np.median(others)
+
