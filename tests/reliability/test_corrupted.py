@@ -205,6 +205,28 @@ def test_checkpoint_with_pickled_object_refused(trained: dict[str, Path], tmp_pa
     assert not marker.exists()
 
 
+def test_checkpoint_with_non_finite_weights_refused(trained: dict[str, Path], tmp_path: Path) -> None:
+    # a diverged training's NaN weights would make every embedding, every prediction, NaN
+    ck = torch.load(trained["encoder"], weights_only=True)
+    name = next(k for k, t in ck["model"].items() if t.is_floating_point() and t.numel() > 1)
+    t = ck["model"][name].clone().contiguous()
+    t.view(-1)[1] = float("nan")
+    ck["model"][name] = t
+    torch.save(ck, tmp_path / "nan.pt")
+    with pytest.raises(LymphError, match=f"'model': tensor '{name}' holds 1 NaN or infinite"):
+        load_checkpoint(tmp_path / "nan.pt")
+    r = cli("embed", "--data", trained["data"], "--out", tmp_path / "e.h5", "--encoder",
+            tmp_path / "nan.pt", "--device", "cpu")
+    assert r.exit_code == 1 and "NaN or infinite" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "e.h5").exists()
+    ck = torch.load(trained["encoder"], weights_only=True)
+    ck["normalisation"]["std"][0] = float("inf")
+    torch.save(ck, tmp_path / "inf.pt")
+    with pytest.raises(LymphError, match="'normalisation.std': expected finite"):
+        load_checkpoint(tmp_path / "inf.pt")
+    load_checkpoint(trained["encoder"])  # the real one loads
+
+
 def _copy_model(src: Path, dst: Path) -> Path:
     import shutil
 
