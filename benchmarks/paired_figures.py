@@ -1,0 +1,73 @@
+"""Paired figures of a comparison JSON (`compare-baselines --json`, nested or not).
+
+Every images model minus the best clinical-only model (the clinical-only row with the
+highest mean balanced accuracy), per fold, with the corrected 95 % interval of
+:func:`lymph.intervals.corrected_interval` (test/train 1/4 for 5 folds); and, for the
+``MODEL@fold-mean`` rows of a nested run, fold-mean minus final scorer. Writes the figures
+as JSON and prints a table::
+
+    python benchmarks/paired_figures.py weak-nested-5x5.json weak-nested-5x5-paired.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+from lymph.intervals import corrected_interval
+
+METRICS = ("balanced_accuracy", "roc_auc")
+
+
+def _per_fold(row: dict, metric: str) -> np.ndarray:
+    return np.array([f[metric] for f in row["per_fold"]], dtype=np.float64)
+
+
+def paired_figures(rows: list[dict], test_over_train: float = 0.25) -> dict:
+    by = {r["model"]: r for r in rows}
+    clin = [m for m, r in by.items() if r["inputs"] == "clinical" and "@" not in m]
+    best = max(clin, key=lambda m: by[m]["balanced_accuracy"]["mean"])
+    out: dict = {"best_clinical_only": best}
+    for m, r in by.items():
+        pairs = []
+        if r["inputs"] != "clinical":
+            pairs.append(best)
+        if m.endswith("@fold-mean") and m[: -len("@fold-mean")] in by:
+            pairs.append(m[: -len("@fold-mean")])
+        for ref in pairs:
+            for k in METRICS:
+                d = _per_fold(r, k) - _per_fold(by[ref], k)
+                lo, hi = corrected_interval(d, test_over_train)
+                out[f"{m} - {ref} {k}"] = {
+                    "mean": float(d.mean()), "ci95_corrected": [lo, hi],
+                    "won_tied_lost": [int((d > 1e-12).sum()), int((abs(d) <= 1e-12).sum()),
+                                      int((d < -1e-12).sum())]}
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
+        return 2
+    rows = json.load(open(argv[0]))
+    out = paired_figures(rows)
+    with open(argv[1], "w") as f:
+        json.dump(out, f, indent=1)
+    best = out["best_clinical_only"]
+    for r in sorted(rows, key=lambda r: -r["balanced_accuracy"]["mean"]):
+        m, line = r["model"], ""
+        key = f"{r['model']} - {best} balanced_accuracy"
+        if key in out:
+            o, a = out[key], out[f"{m} - {best} roc_auc"]
+            line = (f"  vs {best}: BA {o['mean']:+.3f} [{o['ci95_corrected'][0]:+.3f}, "
+                    f"{o['ci95_corrected'][1]:+.3f}] {tuple(o['won_tied_lost'])}, ROC AUC "
+                    f"{a['mean']:+.3f} [{a['ci95_corrected'][0]:+.3f}, {a['ci95_corrected'][1]:+.3f}]")
+        print(f"{m:34s} {r['balanced_accuracy']['mean']:.3f} ± {r['balanced_accuracy']['std']:.3f}"
+              f"  ROC AUC {r['roc_auc']['mean']:.3f}{line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
