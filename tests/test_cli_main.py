@@ -19,3 +19,23 @@ def test_main_prefers_small_pages_unless_the_user_chose(monkeypatch: pytest.Monk
     monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE")
     cli.main()
     assert seen == ["1", "0"]
+
+
+def test_trap_signals_turns_sighup_into_an_interrupt_unless_nohup() -> None:
+    import signal
+
+    from lymph.signals import Terminated, trap_signals
+
+    old = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with pytest.raises(Terminated) as e, trap_signals():
+            signal.raise_signal(signal.SIGHUP)
+        assert e.value.exit_code == 129 and isinstance(e.value, KeyboardInterrupt)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL  # restored on the way out
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # `nohup lymph ...`: stays ignored
+        with trap_signals():
+            signal.raise_signal(signal.SIGHUP)  # nothing happens
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, old)

@@ -44,7 +44,7 @@ def handles_errors(fn: F) -> F:
             if not getattr(e, "quiet", False):  # quiet: another torchrun rank says why
                 typer.echo(f"error: {flag_names(str(e), fn)}", err=True)
             raise typer.Exit(1) from None
-        except KeyboardInterrupt as e:  # SIGINT, or SIGTERM (lymph.signals.Terminated)
+        except KeyboardInterrupt as e:  # SIGINT, or SIGTERM / SIGHUP (lymph.signals.Terminated)
             typer.echo("interrupted", err=True)
             raise typer.Exit(getattr(e, "exit_code", 130)) from None
         except OSError as e:  # a user path: permission, read-only, full disk, not a folder...

@@ -175,6 +175,7 @@ def slowed_child(work: Path, args: list[Any], module: str, attr: str,
 
     err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by the caller)
     proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, json.dumps(spec)],
-                            stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, cwd=work)
+                            stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, cwd=work,
+                            start_new_session=True)  # its own group: os.killpg reaches all
     proc.err_file = err  # type: ignore[attr-defined]
     return proc, pids

@@ -86,14 +86,24 @@ def _setup(command: str, base: dict[str, Path], work: Path):
         return (["predict", "--model", base["model"], "--data", base["big"], "--out", out,
                  "--device", "cpu"], "lymph.data.cache", "decode_image",
                 lambda: not out.exists(), out)
+    if command == "compare-baselines":  # --jobs 2: the signal must stop the pool at once
+        out = work / "c.json"
+        return (["compare-baselines", "--store", base["store"], "--folds", "2", "--jobs", "2",
+                 "--models", "attention+clinical,mean+clinical", "--json", out],
+                "lymph.head.train", "_slice", lambda: not out.exists(), out)
     out = work / "a"
     return (["run", base["pipeline"], "--data", base["data"], "--artifacts", out],
             "lymph.encoder.train", "train_step",
             lambda: not list((out / "embed").glob("*/stage.json")), out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("command", ["ingest", "embed", "fit-head", "predict", "run"])
+CASES = [(c, s) for c in ("ingest", "embed", "fit-head", "predict", "run", "compare-baselines")
+         for s in (signal.SIGINT, signal.SIGTERM)]
+CASES += [("fit-head", signal.SIGHUP), ("compare-baselines", signal.SIGHUP)]  # terminal closed
+
+
+@pytest.mark.parametrize(("command", "sig"), CASES,
+                         ids=[f"{c}-{signal.Signals(s).name}" for c, s in CASES])
 def test_signal_ends_the_command_cleanly(base: dict[str, Path], tmp_path: Path, command: str,
                                          sig: int) -> None:
     work = tmp_path / "w"
@@ -103,7 +113,10 @@ def test_signal_ends_the_command_cleanly(base: dict[str, Path], tmp_path: Path, 
     wait_for(proc, "BUSY", timeout=120)
     time.sleep(0.4)
     t0 = time.perf_counter()
-    proc.send_signal(sig)
+    if sig == signal.SIGTERM:
+        proc.send_signal(sig)  # `kill PID`: the parent only
+    else:
+        os.killpg(proc.pid, sig)  # Ctrl-C, a closed terminal: the whole process group
     try:
         rc = proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
@@ -111,7 +124,7 @@ def test_signal_ends_the_command_cleanly(base: dict[str, Path], tmp_path: Path, 
         pytest.fail("the command did not end within 20 s of the signal")
     took = time.perf_counter() - t0
     err = child_stderr(proc)
-    assert rc == (130 if sig == signal.SIGINT else 143), err[-2000:]
+    assert rc == 128 + sig, err[-2000:]  # 130 SIGINT, 143 SIGTERM, 129 SIGHUP
     assert "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == "interrupted", err[-2000:]
     assert took < 10, took

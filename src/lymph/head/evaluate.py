@@ -182,14 +182,33 @@ def run_tasks(tasks: list[Task], store: Any, n_jobs: int = 1,
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    from lymph.signals import worker_init
+
     _JOB.update(tasks=tasks, store=store)
     try:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork")) as ex:
+        ex = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork"),
+                                 initializer=worker_init)
+        try:
             futs = [ex.submit(_task_worker, k) for k in order]
             for fut in as_completed(futs):
                 yield fut.result()
+        except BaseException:  # Ctrl-C, SIGTERM/SIGHUP, an error, the caller stopped early
+            _stop_pool(ex)  # not the queued tasks' results: stop now, not after all of them
+            raise
+        ex.shutdown(wait=True)
     finally:
         _JOB.clear()
+
+
+def _stop_pool(ex: Any) -> None:
+    """Cancel the queued tasks, end the running ones (their workers ignore SIGINT and SIGHUP,
+    :func:`lymph.signals.worker_init`, and die on SIGTERM), and reap the workers."""
+    for proc in list((getattr(ex, "_processes", None) or {}).values()):
+        try:
+            proc.terminate()
+        except (OSError, ValueError):
+            pass
+    ex.shutdown(wait=True, cancel_futures=True)
 
 
 class _Collector:
