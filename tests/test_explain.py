@@ -107,3 +107,24 @@ def test_explain_from_data(morph: dict) -> None:
     b = explain(pid, morph["model"], data=morph["data"], out=morph["root"] / "b.png")
     assert b.probability == pytest.approx(a.probability, abs=1e-6)
     assert np.allclose(a.weights, b.weights, atol=1e-6)
+
+
+def test_explain_orders_a_composition_models_cells_by_their_push(morph: dict) -> None:
+    # composition has no attention: explain ranks the cells by CompositionFusion.cell_scores
+    # (each cell's leave-one-out push on the logit), not by its uniform 1/n weights
+    from lymph.baselines.composition import CompositionFusion
+    from lymph.head.modeldir import save_model
+    from lymph.report.explain import explain
+    from lymph.store import open_store
+
+    s = open_store(morph["store"])
+    est = CompositionFusion(n_prototypes=4, seed=0).fit(s)
+    save_model(est, morph["root"] / "comp", store=s)
+    row = int(np.flatnonzero(s.labels == 1)[0])
+    pid = str(s.ids[row])
+    e = explain(pid, morph["root"] / "comp", store=morph["store"], k=3,
+                out=morph["root"] / f"{pid}.comp.png")
+    assert e.weight_name == "score" and (morph["root"] / f"{pid}.comp.png").stat().st_size > 0
+    np.testing.assert_allclose(e.weights, est.cell_scores(s.subset([row]))[0])
+    assert e.weights[e.top].min() >= e.weights[e.bottom].max()
+    assert np.ptp(e.weights) > 0  # not uniform
