@@ -21,6 +21,18 @@ def test_main_prefers_small_pages_unless_the_user_chose(monkeypatch: pytest.Monk
     assert seen == ["1", "0"]
 
 
+def test_main_refuses_a_malformed_huge_page_setting(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    called: list[bool] = []
+    monkeypatch.setattr(cli, "app", lambda: called.append(True))
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "abc")
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 1 and not called
+    err = capsys.readouterr().err
+    assert err.startswith("error: environment variable NUMPY_MADVISE_HUGEPAGE: expected 0 or 1")
+
+
 def test_trap_signals_turns_sighup_into_an_interrupt_unless_nohup() -> None:
     import signal
 

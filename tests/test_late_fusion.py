@@ -98,7 +98,7 @@ def test_cli_fit_head_late_and_predict(planted: Path, tmp_path: Path) -> None:
 def test_inner_folds_take_their_rows_of_the_standardised_cells(planted: Path) -> None:
     # the fit standardises the fit patients' cells once and each inner fold takes its
     # patients' rows: the same numbers, in the same order, as standardising them apart
-    from lymph.baselines.late_fusion import cells_of
+    from lymph.head.bags import instances_of
 
     s = open_store(planted)
     m = LateFusion().fit(s)
@@ -108,4 +108,4 @@ def test_inner_folds_take_their_rows_of_the_standardised_cells(planted: Path) ->
     rng = np.random.default_rng(0)
     for idx in (np.sort(rng.choice(rows.size, 20, replace=False)), rng.permutation(rows.size)[:7],
                 np.array([rows.size - 1]), np.array([], dtype=np.int64)):
-        np.testing.assert_array_equal(cells_of(cells, ptr, idx), m._standardised(s, rows[idx]))
+        np.testing.assert_array_equal(instances_of(cells, ptr, idx), m._standardised(s, rows[idx]))

@@ -762,7 +762,11 @@ def main() -> None:  # pragma: no cover
     # fits' large temporaries cost 2-3 s of system time per fold at cohort scale (issue 17,
     # docs/benchmarks.md). Read by numpy at import, before any command imports it; results
     # do not depend on it, and a user's own setting wins.
-    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+    v = os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+    if not v.strip().isdigit():  # numpy's own error would be a bare int() ValueError
+        typer.echo(f"error: environment variable NUMPY_MADVISE_HUGEPAGE: expected 0 or 1, got "
+                   f"{v!r}", err=True)
+        raise SystemExit(1)
     app()
 
 

@@ -39,7 +39,7 @@ def bag_stats(emb: np.ndarray, ptr: np.ndarray) -> np.ndarray:
     start = ptr[:-1]
     x = np.asarray(emb)
     if x.dtype != np.float32:  # float32 (the stores') is summed in float64 without a copy
-        x = x.astype(np.float64)
+        x = np.asarray(x, dtype=np.float64)
     mean = np.add.reduceat(x, start, axis=0, dtype=np.float64) / sizes[:, None]
     return np.concatenate([mean, np.maximum.reduceat(x, start, axis=0),
                            np.minimum.reduceat(x, start, axis=0)], axis=1, dtype=np.float64)

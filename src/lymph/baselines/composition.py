@@ -247,21 +247,12 @@ class CompositionFusion(BaseEstimator, ClassifierMixin):
         with native_threads(getattr(self, "n_threads", 1)):
             assign = self._assign(store, rows)
         counts = bag_proportions(assign, store.bag_sizes[rows], k)  # (B, K)
-        clin = (clinical_matrix(store, self.clinical_columns_)[rows].astype(np.float64)
-                if self.clinical else np.zeros((rows.size, 0)))
-        mean, std = self.fusion_scaler_.mean, self.fusion_scaler_.std
-        w_clin, w_comp = self.coef_[: clin.shape[1]], self.coef_[clin.shape[1]:]
-
-        def logit(comp: np.ndarray) -> np.ndarray:  # comp (..., K) -> fusion logit (...)
-            c = len(self.clinical_columns_)
-            return (((comp - mean[c:]) / std[c:]) @ w_comp
-                    + (((clin - mean[:c]) / std[:c]) @ w_clin)[(...,) + (None,) * (comp.ndim - 2)]
-                    + self.intercept_)
-
-        full = logit(np.log((counts + 0.5) / (sizes[:, None] + 0.5 * k)))  # (B,)
+        c = len(self.clinical_columns_)  # the clinical part of the logit cancels in the push
+        mean, std, w = self.fusion_scaler_.mean[c:], self.fusion_scaler_.std[c:], self.coef_[c:]
+        full = ((np.log((counts + 0.5) / (sizes[:, None] + 0.5 * k)) - mean) / std) @ w  # (B,)
         left = np.maximum(counts[:, None, :] - np.eye(k)[None], 0.0)  # (B, K left out, K)
-        without = logit(np.log((left + 0.5) / (sizes[:, None, None] - 1.0 + 0.5 * k)))  # (B, K)
-        push = full[:, None] - without
+        comp = np.log((left + 0.5) / (sizes[:, None, None] - 1.0 + 0.5 * k))
+        push = full[:, None] - ((comp - mean) / std) @ w  # (B, K)
         bag = np.repeat(np.arange(rows.size), store.bag_sizes[rows])
         return np.split(push[bag, assign], np.cumsum(store.bag_sizes[rows])[:-1])
 

@@ -24,7 +24,6 @@ from lymph.errors import LymphError
 from lymph.head.bags import Scaler, check_bags, instances_of
 from lymph.head.base import clinical_matrix, labelled_rows
 from lymph.head.base import where as _where
-from lymph.store import bag_rows
 
 LOGIT_COLUMNS = ("logit", "weak:logit")
 
@@ -39,12 +38,6 @@ def logit_column(store: Any) -> str | None:
             return name
     hits = [c for c in cols if c.endswith(":logit")]
     return hits[0] if hits else None
-
-
-def cells_of(cells: np.ndarray, ptr: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """The rows of ``cells`` (the instances of some patients, concatenated; bag ``i`` is
-    ``cells[ptr[i]:ptr[i + 1]]``) that belong to the patients at positions ``idx``."""
-    return cells[bag_rows(ptr, idx)[0]]
 
 
 class LateFusion(BaseEstimator, ClassifierMixin):
@@ -152,7 +145,7 @@ class LateFusion(BaseEstimator, ClassifierMixin):
             ptr = np.concatenate([[0], np.cumsum(store.bag_sizes[rows])])
 
             def part(idx: np.ndarray) -> np.ndarray:
-                return cells_of(cells, ptr, idx)
+                return instances_of(cells, ptr, idx)  # bags numbered as in rows
 
             img = np.zeros((rows.size, 2))
             if inner:  # nested: OOF image scores for the fusion regression's training

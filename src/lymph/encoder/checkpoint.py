@@ -68,34 +68,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in ckpt]
     if missing:
         raise LymphError(f"{path}: checkpoint lacks field(s) {', '.join(missing)}")
-    _check_finite(path, ckpt, "")
+    _check_finite(path, ckpt)
     return ckpt
 
 
-def _check_finite(path: Path, ckpt: dict[str, Any], where: str) -> None:
+def _check_finite(path: Path, ckpt: dict[str, Any]) -> None:
     """Refuse weights that are not finite numbers (a diverged training, a damaged file):
-    they would turn every cell's embedding, hence every prediction, into NaN. Also the
-    parts of a combined checkpoint."""
-    model = ckpt.get("model")
-    if isinstance(model, dict):
-        for name, t in model.items():
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                bad = int((~torch.isfinite(t)).sum())
-                if bad:
-                    raise LymphError(
-                        f"{path}: '{where}model': tensor {name!r} holds {bad} NaN or infinite "
-                        "value(s), expected finite weights (a diverged training? retrain with "
-                        "`lymph embed`)")
-    norm = ckpt.get("normalisation")
-    if isinstance(norm, dict):
-        import math
+    they would turn every cell's embedding, hence every prediction, into NaN. The model's
+    tensors and those of a combined checkpoint's parts (:func:`lymph.finite.check_state`),
+    and the normalisation values."""
+    import math
 
-        for key in ("mean", "std"):
-            vals = norm.get(key)
-            if isinstance(vals, (list, tuple)) and any(
-                    isinstance(v, float) and not math.isfinite(v) for v in vals):
-                raise LymphError(f"{path}: '{where}normalisation.{key}': expected finite "
-                                 f"numbers, got {list(vals)}")
-    for i, part in enumerate(ckpt.get("parts") or []):
-        if isinstance(part, dict) and isinstance(part.get("checkpoint"), dict):
-            _check_finite(path, part["checkpoint"], f"{where}parts.{i}.checkpoint.")
+    from lymph.finite import check_state
+
+    check_state({k: ckpt[k] for k in ("model", "parts") if k in ckpt}, path)
+    norm = ckpt.get("normalisation")
+    for key in ("mean", "std"):
+        vals = norm.get(key) if isinstance(norm, dict) else None
+        if isinstance(vals, (list, tuple)) and any(
+                isinstance(v, float) and not math.isfinite(v) for v in vals):
+            raise LymphError(f"{path}: 'normalisation.{key}': expected finite numbers, got "
+                             f"{list(vals)}")
