@@ -25,8 +25,11 @@ PROMPT_S = 60  # "promptly": far below any collective timeout (30 min), above 2-
 
 def launch(nproc: int, *args: str, cwd: Path, extra_env: dict[str, str] | None = None,
            torchrun: tuple[str, ...] = ("--standalone",)) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun, "--nproc_per_node",
-           str(nproc), ENTRY, "embed", *args]
+    # torchrun's own logs go beside the test's folder (pytest removes it), not into a
+    # /tmp/torchelastic_* folder that torchrun never deletes
+    logs = cwd.parent / f"{cwd.name}-torchrun-logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun, "--log-dir", str(logs),
+           "--nproc_per_node", str(nproc), ENTRY, "embed", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

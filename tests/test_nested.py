@@ -169,3 +169,99 @@ def test_cli_test_scoring_is_checked_before_any_work(bag_store: Path, tmp_path: 
     for bad in ("", "final,final", "median"):
         with pytest.raises(Exception, match="test_scoring"):
             parse_test_scoring(bad)
+
+
+class _Recorder:
+    """An estimator that records the stores it is fitted on and scores every patient 0.5."""
+
+    seen: list[list[str]] = []
+
+    def get_params(self, deep: bool = True) -> dict:
+        return {}
+
+    def fit(self, store):
+        self.seen.append(list(store.feature_columns or []))
+        self.embeddings_ = store.embeddings
+        return self
+
+    def predict_proba(self, store):
+        return np.full((store.n_patients, 2), 0.5)
+
+
+def _morph_like(cache, where: Path, name: str = "morph.h5", dim: int = 3) -> Path:
+    """A store of the cache's images made without labels (random features, method 'ae')."""
+    from lymph.store import write_store
+
+    clin, cols = cache.clinical()
+    rng = np.random.default_rng(0)
+    return write_store(where / name, embeddings=rng.normal(size=(int(cache.patient_ptr[-1]), dim)).astype("f4"),
+                       patient_ptr=cache.patient_ptr, ids=cache.ids, labels=cache.labels,
+                       clinical=clin.astype("f4"), clinical_columns=cols,
+                       provenance={"method": "ae"})
+
+
+def test_with_stores_join_every_outer_fold_after_the_weak_block(synth_cache: Path,
+                                                                 tmp_path: Path) -> None:
+    from lymph.compare import IMAGES_CLINICAL, ModelSpec
+    from lymph.data.cache import open_cache
+    from lymph.nested import nested_compare
+    from lymph.store import open_store
+
+    cache = open_cache(synth_cache)
+    morph = open_store(_morph_like(cache, tmp_path))
+    _Recorder.seen = []
+    specs = {"rec": ModelSpec(make=_Recorder, inputs=IMAGES_CLINICAL)}
+    res = nested_compare(cache, specs, folds=2, repeats=1, seed=0, inner_folds=2,
+                         config=_tiny_config(), with_stores=[morph],
+                         test_scoring=("final", "fold-mean"))
+    assert _Recorder.seen == [["weak:logit", "weak:prob", "ae:0", "ae:1", "ae:2"]] * 2
+    assert res.store_info["with_stores"] == [str(morph.path)]
+    assert set(res.models) == {"rec", "rec@fold-mean"}
+
+
+def test_nested_multi_score_uses_the_joined_store(synth_cache: Path, tmp_path: Path) -> None:
+    from lymph.compare import default_models, select_models
+    from lymph.data.cache import open_cache
+    from lymph.nested import nested_compare
+    from lymph.store import open_store
+
+    cache = open_cache(synth_cache)
+    morph = open_store(_morph_like(cache, tmp_path))
+    specs = select_models(default_models(_open_plain(cache, tmp_path), optional=True)[0],
+                          "logistic,multi-score+clinical")
+    kw = dict(folds=2, repeats=1, seed=0, inner_folds=2, config=_tiny_config())
+    alone = nested_compare(cache, specs, **kw)
+    joined = nested_compare(cache, specs, with_stores=[morph], **kw)
+    # the clinical-only model cannot see the extra block; the multi-score model does
+    np.testing.assert_allclose(joined.models["logistic"].cv.oof, alone.models["logistic"].cv.oof)
+    a, b = alone.models["multi-score+clinical"].cv.oof, joined.models["multi-score+clinical"].cv.oof
+    assert np.isfinite(b[np.isfinite(a)]).all() and not np.allclose(a, b, equal_nan=True)
+
+
+def test_cli_with_store_is_checked_before_any_work(synth_cache: Path, tmp_path: Path,
+                                                   bag_store: Path) -> None:
+    from lymph.data.cache import open_cache
+    from lymph.encoder.weak_folds import run_weak
+
+    cache = open_cache(synth_cache)
+    weak = tmp_path / "weak.h5"
+    run_weak(cache, weak, folds=2, seed=0, config=_tiny_config(), progress=False)
+    base = ["compare-baselines", "--store", str(weak), "--images", str(synth_cache),
+            "--folds", "2", "--inner-folds", "2", "--json", str(tmp_path / "x.json")]
+    r = CliRunner().invoke(app, [*base[:3], "--with-store", str(weak)])
+    assert r.exit_code == 1 and "--with-store: only with --nested" in r.output, r.output
+    r = CliRunner().invoke(app, [*base, "--nested", "--with-store", str(weak)])
+    assert r.exit_code == 1 and "trained from labels" in r.output, r.output
+    r = CliRunner().invoke(app, [*base, "--nested", "--with-store", str(bag_store)])
+    assert r.exit_code == 1 and "/patients/id differs" in r.output, r.output
+    r = CliRunner().invoke(app, [*base, "--nested", "--with-store", str(tmp_path / "none.h5")])
+    assert r.exit_code == 1 and "none.h5" in r.output, r.output
+    assert not (tmp_path / "x.json").exists()
+    r = CliRunner().invoke(app, [*base, "--nested", "--with-store", str(_morph_like(cache, tmp_path)),
+                                 "--models", "logistic,multi-score+clinical"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    rows = json.loads((tmp_path / "x.json").read_text())
+    assert {x["model"] for x in rows} == {"logistic", "multi-score+clinical"}
+    assert all(x["store"]["with_stores"] == [str(tmp_path / "morph.h5")] for x in rows)

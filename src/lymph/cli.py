@@ -525,10 +525,14 @@ def compare_baselines(
     nested: Annotated[bool, typer.Option("--nested", help="Weak stores: retrain stage one inside every outer fold on its training patients only (needs --images: the cache the store was made from; one stage-one run per fold). Writes --json only.")] = False,
     inner_folds: Annotated[int, typer.Option("--inner-folds", help="With --nested: stage one's own folds inside each outer training set.")] = 5,
     test_scoring: Annotated[str, typer.Option("--test-scoring", help="With --nested: how outer test patients are scored, final (the scorer trained on all training patients, as `predict` does) and/or fold-mean (mean of the inner fold scorers), comma-separated; fold-mean results are named MODEL@fold-mean.")] = "final",
+    with_store: Annotated[Optional[list[Path]], typer.Option("--with-store", help="With --nested: a store of the same images made without labels (e.g. morphometry; repeatable); its features join each outer fold's weak block, as `lymph store concat` would (for multi-score+clinical).")] = None,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
     check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1),
                   jobs=(jobs, "int", 1), inner_folds=(inner_folds, "int", 2))
+    if with_store and not nested:
+        raise LymphError("--with-store: only with --nested (otherwise join the stores with "
+                         "`lymph store concat`)")
     if nested:
         from lymph.nested import parse_test_scoring
 
@@ -539,14 +543,15 @@ def compare_baselines(
         if out is not None or folds_from_store or allow_in_sample:
             raise LymphError("--nested: writes --json only; drop --out, --folds-from-store and "
                              "--allow-in-sample")
-        check_outputs({"--json": (json_out, "json")}, [store, images])
+        check_outputs({"--json": (json_out, "json")}, [store, images, *(with_store or [])])
         from lymph.console import progress_bar
         from lymph.nested import run_nested
 
         with progress_bar("compare-baselines --nested", folds * repeats) as update:
             res, outputs = run_nested(store, images, folds=folds, repeats=repeats, seed=seed,
                                       inner_folds=inner_folds, models=models, json_path=json_out,
-                                      test_scoring=scorings, progress=lambda n, d, t: update())
+                                      test_scoring=scorings, with_stores=with_store or (),
+                                      progress=lambda n, d, t: update())
         print_comparison(res)
         for note in res.notes:
             typer.echo(f"note: {note}")

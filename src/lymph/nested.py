@@ -64,7 +64,7 @@ def masked_cache(cache: Any, hide: np.ndarray) -> Any:
 def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeats: int = 1,
                    seed: int = 0, inner_folds: int = 5, config: Any = None,
                    model_config: Any = None, workdir: str | Path | None = None,
-                   test_scoring: tuple[str, ...] = ("final",),
+                   test_scoring: tuple[str, ...] = ("final",), with_stores: Any = (),
                    progress: Callable[[str, int, int], None] | None = None) -> Any:
     """Cross-validate ``models`` (``lymph.compare.ModelSpec``) with stage one (the weak
     scorer) retrained inside every outer fold; returns a
@@ -76,12 +76,18 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
     the training patients' scores were made, by scorers of the same size). With both, every
     model is fitted once and scored both ways; the fold-mean results are named
     ``<model>@fold-mean``, on the same folds, so the two are paired.
+
+    ``with_stores``: stores of the same images made without labels (e.g. morphometry); in
+    every outer fold their feature blocks join the fold's weak block (first, prefix
+    ``weak``) as ``lymph store concat`` would, so that ``multi-score+clinical`` fuses the
+    nested weak score with theirs.
     """
     from lymph.compare import ComparisonResult, ModelResult, _params, paired_comparisons
     from lymph.encoder.weak_folds import fold_mean_features, run_weak
     from lymph.store import bag_rows
     from lymph.head.evaluate import CVResult, FoldResult, make_folds, metrics, summarise
     from lymph.store import open_store
+    from lymph.store_ops import concat_in_memory
 
     bad = [t for t in test_scoring if t not in TEST_SCORING]
     if bad or not test_scoring:
@@ -115,13 +121,16 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
                 raise LymphError("nested evaluation: an outer test patient was in stage one's "
                                  "training set")
             s = replace(s, labels=labels.astype(s.labels.dtype))  # the test labels, for scoring
-            train = s.subset(tr)
-            tests = {"final": s.subset(te)}
+            scored = {"final": s}
             if "fold-mean" in test_scoring:  # the test patients' cells by the inner fold scorers
                 emb = s.embeddings.copy()
                 cells = bag_rows(s.patient_ptr, te)[0]
                 emb[cells] = fold_mean_features(weak.features)[cells]
-                tests["fold-mean"] = replace(s, embeddings=emb).subset(te)
+                scored["fold-mean"] = replace(s, embeddings=emb)
+            if with_stores:
+                scored = {t: concat_in_memory([v, *with_stores]) for t, v in scored.items()}
+            train = scored["final"].subset(tr)
+            tests = {t: v.subset(te) for t, v in scored.items()}
             for m, spec in models.items():
                 t2 = time.perf_counter()
                 est = spec.make().fit(train)
@@ -152,6 +161,7 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
         store_info={"path": None, "fingerprint": None, "method": "weak", "nested": True,
                     "inner_folds": inner_folds, "test_scoring": list(test_scoring),
                     "stage_one_seconds": round(stage_one_s, 3),
+                    "with_stores": [str(w.path) for w in with_stores],
                     "scorers_trained": len(fold_list) * (inner_folds + 1)},
         ids=ids)
     res.notes.append(f"nested: stage one retrained in each of the {len(fold_list)} outer folds "
@@ -164,10 +174,13 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
 def run_nested(store: str | Path, images: str | Path, *, folds: int = 5, repeats: int = 1,
                seed: int = 0, inner_folds: int = 5, models: str | list[str] | None = None,
                json_path: str | Path | None = None, test_scoring: tuple[str, ...] = ("final",),
+               with_stores: list[str | Path] | tuple[str | Path, ...] = (),
                progress: Callable[[str, int, int], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """``compare-baselines --nested``: retrain the weak store's stage one (its recorded model
     and training settings) inside each outer fold, on the image cache ``images`` it was
-    embedded from; the comparison's models are those of ``store``."""
+    embedded from; the comparison's models are those of ``store``. ``with_stores``
+    (``--with-store``): stores of the same images made without labels, joined to every
+    outer fold's weak block (:func:`nested_compare`)."""
     import dataclasses
     import json
 
@@ -189,6 +202,7 @@ def run_nested(store: str | Path, images: str | Path, *, folds: int = 5, repeats
     if prov.get("data_fingerprint") and cache.fingerprint != prov["data_fingerprint"]:
         raise LymphError(f"{images}: `images`: the cache's fingerprint differs from the store's "
                          "provenance 'data_fingerprint': pass the cache the store was made from")
+    extra = [_unsupervised_store(p, s) for p in with_stores]
     cfg = prov.get("config") or {}
     tc = cfg.get("train_config") or {}
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -199,7 +213,7 @@ def run_nested(store: str | Path, images: str | Path, *, folds: int = 5, repeats
     specs = select_models(specs, models)
     res = nested_compare(cache, specs, folds=folds, repeats=repeats, seed=seed,
                          inner_folds=inner_folds, config=config, model_config=model_config,
-                         test_scoring=test_scoring, progress=progress)
+                         test_scoring=test_scoring, with_stores=extra, progress=progress)
     res.notes[:0] = notes
     res.store_info.update(path=str(store), fingerprint=s.fingerprint)
     outputs: dict[str, Any] = {}
@@ -207,3 +221,19 @@ def run_nested(store: str | Path, images: str | Path, *, folds: int = 5, repeats
         outputs["json"] = write_text_atomic(
             json_path, json.dumps(res.rows(), indent=2, default=float) + "\n")
     return res, outputs
+
+
+def _unsupervised_store(path: str | Path, weak: Any) -> Any:
+    """``--with-store PATH``: a store of the weak store's images, made without labels."""
+    from lymph.insample import _components, is_label_trained
+    from lymph.store import open_store
+    from lymph.store_ops import _check_same_images
+
+    other = open_store(path)
+    trained = [c.get("method") for c in _components(other.provenance or {}) if is_label_trained(c)]
+    if trained:
+        raise LymphError(f"{path}: `with-store`: provenance 'method' {trained[0]!r} is a stage "
+                         "one trained from labels; only stores made without labels (e.g. "
+                         "morphometry, ae, contrastive) can join the nested weak block")
+    _check_same_images(weak, other)
+    return other

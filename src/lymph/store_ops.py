@@ -73,7 +73,6 @@ def concat_stores(paths: list[str | os.PathLike[str]], out: str | os.PathLike[st
     ``provenance``: extra top-level provenance fields (e.g. a combined encoder checkpoint,
     ``lymph embed --method contrastive+morphometry``).
     """
-    import lymph
     from lymph.store import write_store
 
     if len(paths) < 2:
@@ -82,6 +81,21 @@ def concat_stores(paths: list[str | os.PathLike[str]], out: str | os.PathLike[st
     stores = [open_store(p) for p in paths]
     if any(s.path is not None and s.path.resolve() == out.resolve() for s in stores):
         raise LymphError(f"{out}: the output must not be one of the input stores")
+    c = concat_in_memory(stores, provenance=provenance)
+    return write_store(
+        out, embeddings=c.embeddings, patient_ptr=c.patient_ptr, ids=c.ids, labels=c.labels,
+        clinical=c.clinical, clinical_columns=c.clinical_columns,
+        feature_columns=c.feature_columns, image_paths=c.image_paths,
+        patient_scorer=c.patient_scorer, provenance=c.provenance,
+    )
+
+
+def concat_in_memory(stores: list[EmbeddingStore], *,
+                     provenance: dict[str, Any] | None = None) -> EmbeddingStore:
+    """The store :func:`concat_stores` writes, in memory (``path`` None): the same checks,
+    columns and provenance."""
+    import lymph
+
     first = stores[0]
     for s in stores[1:]:
         _check_same_images(first, s)
@@ -108,8 +122,8 @@ def concat_stores(paths: list[str | os.PathLike[str]], out: str | os.PathLike[st
         prov["data_fingerprint"] = fps.pop()
     image_paths = next((s.image_paths for s in stores if s.image_paths is not None), None)
     scorer = next((s.patient_scorer for s in stores if s.patient_scorer is not None), None)
-    return write_store(
-        out, embeddings=np.concatenate([s.embeddings for s in stores], axis=1),
+    return EmbeddingStore(
+        path=None, embeddings=np.concatenate([s.embeddings for s in stores], axis=1),
         patient_ptr=first.patient_ptr, ids=first.ids, labels=first.labels,
         clinical=first.clinical, clinical_columns=first.clinical_columns,
         feature_columns=cols, image_paths=image_paths, patient_scorer=scorer, provenance=prov,
