@@ -91,6 +91,19 @@ def test_cli_fit_head_late_and_predict(planted: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     lines = (tmp_path / "pred.csv").read_text().splitlines()
     assert lines[0] == "id,probability,predicted" and len(lines) == 81
+    # the per-image CSV carries each cell's score (its weight in a mean is only 1 / n)
+    import csv
+
+    from lymph.head.modeldir import load_model
+
+    att = list(csv.DictReader(open(tmp_path / "pred.attention.csv")))
+    s = open_store(planted)
+    want = np.concatenate(load_model(tmp_path / "m").estimator.cell_scores(s))
+    assert len(att) == s.n_images == want.size
+    got = np.array([float(a["cell_score"]) for a in att])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert got.std() > 0 and {a["weight"] for a in att if a["id"] == att[0]["id"]} == {
+        f"{1 / s.bag_sizes[0]:.6g}"}
     r = runner.invoke(app, ["fit-head", "--store", str(planted), "--fusion", "early"])
     assert r.exit_code == 1 and "--fusion" in r.output
 

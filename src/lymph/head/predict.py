@@ -7,7 +7,9 @@ directory, into ``PRED.store.h5`` beside the predictions. Outputs (all written a
 - ``PRED.csv``: ``id,probability,predicted`` (probability of malignancy, 0/1 at the
   model's threshold), one row per selected patient in store order;
 - ``PRED.attention.csv`` (image models): ``id,image_index,image_path,weight``, one row per
-  image (``image_path`` empty when the store records none);
+  image (``image_path`` empty when the store records none); models that score cells
+  (late fusion, composition: ``cell_scores``) add ``cell_score``, each cell's score or push
+  towards malignant (their ``weight`` is the uniform ``1 / n`` of a mean);
 - ``SUB.csv`` (optional): the challenge submission, header ``Id,Predicted``, 0/1.
 """
 
@@ -155,13 +157,16 @@ def predict(model_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
                                 ["id", "probability", "predicted"]))
     if est.images:
         weights = est.attention(sub)
+        scores = est.cell_scores(sub) if hasattr(est, "cell_scores") else None
         att_rows = []
         for k, pid in enumerate(sub.ids):
             paths = sub.bag_image_paths(k)
             for j, wgt in enumerate(weights[k]):
-                att_rows.append([str(pid), j, "" if paths is None else paths[j], f"{wgt:.6g}"])
+                att_rows.append([str(pid), j, "" if paths is None else paths[j], f"{wgt:.6g}"]
+                                + ([] if scores is None else [f"{scores[k][j]:.6g}"]))
         att = out.with_name(out.stem + ".attention.csv")
-        write_text_atomic(att, _csv(att_rows, ["id", "image_index", "image_path", "weight"]))
+        header = ["id", "image_index", "image_path", "weight"]
+        write_text_atomic(att, _csv(att_rows, header + ([] if scores is None else ["cell_score"])))
         outputs["attention"] = att
     if submission is not None:
         write_text_atomic(submission, _csv([[str(i), int(k)] for i, k in zip(sub.ids, pred)],
