@@ -342,3 +342,31 @@ def test_embed_tta_and_cosine_reach_the_checkpoints(synth_cache: Path, tmp_path:
                                      "--out", str(tmp_path / "x.h5"), *args])
         assert r.exit_code == 1 and msg in r.output, r.output
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_embed_channels_reach_the_scorer_and_are_checked(synth_cache: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from lymph.cli import app
+    from lymph.encoder.checkpoint import load_checkpoint
+    from lymph.store import open_store
+
+    out = tmp_path / "w.h5"
+    r = CliRunner().invoke(app, ["embed", "--method", "weak", "--images", str(synth_cache),
+                                 "--out", str(out), "--folds", "2", "--epochs", "1",
+                                 "--channels", "8,16,24"])
+    assert r.exit_code == 0, r.output
+    ck = load_checkpoint(out.with_name("w.weak-fold0.pt"))
+    assert ck["model_config"]["channels"] == [8, 16, 24]
+    assert ck["model"]["head.2.weight"].shape == (1, 24)  # the last width feeds the linear unit
+    assert open_store(out).provenance["config"]["model_config"]["channels"] == [8, 16, 24]
+    for args, msg in ((["--method", "weak", "--channels", "8,x"], "--channels: expected 1 to 6"),
+                      (["--method", "weak", "--channels", "8,0"], "got 8,0"),
+                      (["--method", "weak", "--channels", "1,2,3,4,5,6,7"], "1 to 6"),
+                      (["--method", "ae", "--channels", "8,16"], "--channels: only for training "
+                                                                  "method weak")):
+        r = CliRunner().invoke(app, ["embed", "--images", str(synth_cache),
+                                     "--out", str(tmp_path / "x.h5"), *args])
+        assert r.exit_code == 1 and msg in r.output, r.output
+        assert len([ln for ln in r.output.splitlines() if ln.startswith("error:")]) == 1
+    assert not (tmp_path / "x.h5").exists()

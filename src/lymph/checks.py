@@ -86,3 +86,13 @@ def check_threshold(name: str, value: Any) -> str | float:
     if not (math.isfinite(t) and 0.0 < t < 1.0):
         raise LymphError(f"{name}: expected 'inner' or a number in (0, 1), got {_fmt(value)}")
     return t
+
+
+def check_channels(name: str, value: Any) -> tuple[int, ...]:
+    """Convolution widths: 1 to 6 integers, each from 1 to 1024 (``--channels 32,64,128``)."""
+    vals = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not 1 <= len(vals) <= 6 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1024 for v in vals):
+        raise LymphError(f"{name}: expected 1 to 6 comma-separated integers from 1 to 1024, got "
+                         f"{','.join(map(_fmt, vals)) or 'none'}")
+    return vals

@@ -241,6 +241,7 @@ def embed(
     folds: Annotated[Optional[int], typer.Option(help="--method weak: K fold scorers, each labelled patient scored by the one that did not train on it (default 5).")] = None,
     lr_schedule: Annotated[Optional[str], typer.Option("--lr-schedule", help="constant (default) or cosine (the rate decays to 0 over the epochs).")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="--method weak: each cell's score is the mean over its 8 rotations / flips (8x the embedding time).")] = False,
+    channels: Annotated[Optional[str], typer.Option("--channels", help="--method weak: the cell scorer's convolution widths, comma-separated (default 16,32,64,64; e.g. 32,64,128,128 for twice the width).")] = None,
 ) -> None:
     """Train the stage-one encoder (unless --encoder) and embed every image into the store.
 
@@ -256,6 +257,15 @@ def embed(
         check_method(method, "--method")
     if lr_schedule is not None and lr_schedule not in ("constant", "cosine"):
         raise LymphError(f"--lr-schedule: expected constant or cosine, got {lr_schedule!r}")
+    widths = None
+    if channels is not None:
+        from lymph.checks import check_channels
+
+        try:
+            parsed: tuple[Any, ...] = tuple(int(v) for v in channels.split(","))
+        except ValueError:
+            parsed = (channels,)
+        widths = check_channels("--channels", parsed)
     if out.suffix.lower() in (".h5", ".hdf5"):
         stem = out.with_name(out.stem)
         outs: dict[str, tuple[Any, str]] = {"--out": (out, "store")}
@@ -270,7 +280,7 @@ def embed(
     s = run_embed(out=out, data=data, images=images, method=method, dim=dim, epochs=epochs,
                   batch_size=batch_size, lr=lr, seed=seed, device=device, encoder=encoder,
                   resume=resume, size=size, cache=cache, crop=crop, folds=folds,
-                  lr_schedule=lr_schedule, tta=tta)
+                  lr_schedule=lr_schedule, tta=tta, channels=widths)
     if not s.is_main:
         return
     if data is not None:

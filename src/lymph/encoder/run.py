@@ -25,6 +25,7 @@ from lymph.encoder.combine import (MORPHOMETRY, _check_morphometry_version, _con
 from lymph.encoder.embed import (EmbedSummary, checkpoint_path, default_cache_path,
                                  embed_cache, loss_curve_path)
 from lymph.encoder.registry import check_method, is_combination, method_spec, parts_of, resolve
+from lymph.checks import check_channels
 from lymph.errors import LymphError
 
 
@@ -62,6 +63,7 @@ def run_embed(
     folds: int | None = None,
     lr_schedule: str | None = None,
     tta: bool = False,
+    channels: tuple[int, ...] | None = None,
 ) -> EmbedSummary:
     """What ``lymph embed`` does: get the cache (ingesting ``data`` if given), train the
     encoder unless ``encoder`` is given, then embed every image into the store ``out``.
@@ -70,7 +72,8 @@ def run_embed(
     ``default_crop`` (112 px, whole image, when it declares none). Label-trained methods
     (``weak``) train ``folds`` fold scorers and a final one (:mod:`lymph.encoder.weak_folds`).
     ``lr_schedule`` (``constant`` or ``cosine``) overrides the method's; ``tta`` (weak only)
-    averages each cell's logit over its 8 rotations / flips."""
+    averages each cell's logit over its 8 rotations / flips; ``channels`` (weak only) are
+    the cell scorer's convolution widths (default 16, 32, 64, 64)."""
     out = Path(out)
     # under torchrun every check below runs inside the process group, so that an error
     # that every rank meets is printed once (D.fail) and one that a single rank meets (a
@@ -80,7 +83,7 @@ def run_embed(
                           epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                           device=device, encoder=encoder, resume=resume, size=size,
                           cache=cache, progress=progress, crop=crop, folds=folds,
-                          lr_schedule=lr_schedule, tta=tta)
+                          lr_schedule=lr_schedule, tta=tta, channels=channels)
 
 
 def _encoder_settings(encoder: str | Path) -> dict[str, Any]:
@@ -95,7 +98,7 @@ def _run_embed(env: D.DistEnv, *, out: Path, data: str | Path | None, images: st
                lr: float | None, seed: int, device: str, encoder: str | Path | None,
                resume: bool, size: int | None, cache: str | Path | None, progress: bool,
                crop: int | None, folds: int | None, lr_schedule: str | None = None,
-               tta: bool = False) -> EmbedSummary:
+               tta: bool = False, channels: tuple[int, ...] | None = None) -> EmbedSummary:
     if (data is None) == (images is None):
         raise LymphError("give exactly one of `data` DATA_DIR or `images` CACHE.zarr")
     if cache is not None and data is None:
@@ -112,9 +115,12 @@ def _run_embed(env: D.DistEnv, *, out: Path, data: str | Path | None, images: st
             raise LymphError(f"lr_schedule: expected {' or '.join(LR_SCHEDULES)}, got {lr_schedule!r}")
         if encoder is not None:
             raise LymphError("`lr_schedule` sets a training; with `encoder` nothing is trained")
-    if tta and (method != "weak" or encoder is not None):
-        raise LymphError(f"`tta`: only for training method weak (the cell scorer), not "
-                         f"{'an existing encoder' if encoder is not None else 'method ' + method}")
+    for name, given in (("tta", tta), ("channels", channels is not None)):
+        if given and (method != "weak" or encoder is not None):
+            raise LymphError(f"`{name}`: only for training method weak (the cell scorer), not "
+                             f"{'an existing encoder' if encoder is not None else 'method ' + method}")
+    if channels is not None:
+        channels = check_channels("channels", channels)
     # rank 0 reads the checkpoint (the other ranks get its settings, and later its weights)
     enc = D.main_decides(env, lambda: _encoder_settings(encoder)) if encoder is not None else None
     if is_combination(method) or (enc is not None and is_combination(enc["method"])):
@@ -147,7 +153,7 @@ def _run_embed(env: D.DistEnv, *, out: Path, data: str | Path | None, images: st
         return summary
     if encoder is None and spec.needs_labels:
         return _weak(c, out, folds or 5, seed, epochs, batch_size, lr, resume, env,
-                     progress, summary, lr_schedule=lr_schedule, tta=tta)
+                     progress, summary, lr_schedule=lr_schedule, tta=tta, channels=channels)
     if encoder is None:
         encoder = _train(c, out, method, dim, epochs, batch_size, lr, seed, resume, env,
                          progress, summary, lr_schedule=lr_schedule)
@@ -219,7 +225,7 @@ def _train(c: ImageCache, out: Path, method: str, dim: int | None, epochs: int |
 def _weak(c: ImageCache, out: Path, folds: int, seed: int, epochs: int | None,
           batch_size: int | None, lr: float | None, resume: bool, env: D.DistEnv,
           progress: bool, summary: EmbedSummary, lr_schedule: str | None = None,
-          tta: bool = False) -> EmbedSummary:
+          tta: bool = False, channels: tuple[int, ...] | None = None) -> EmbedSummary:
     """``--method weak``: K fold scorers + the final scorer, fold-safe store."""
     from lymph.encoder.methods.weak import WeakConfig
     from lymph.encoder.weak_folds import default_train_config, run_weak
@@ -230,7 +236,8 @@ def _weak(c: ImageCache, out: Path, folds: int, seed: int, epochs: int | None,
         if v is not None:
             setattr(tcfg, k, v)
     w = run_weak(c, out, folds=folds, seed=seed, config=tcfg, env=env, resume=resume,
-                 progress=progress, model_config=WeakConfig(size=c.size, tta=tta))
+                 progress=progress, model_config=WeakConfig(size=c.size, tta=tta,
+                                            **({"channels": tuple(channels)} if channels else {})))
     final = w.losses.get("final", [])
     summary.checkpoint, summary.losses, summary.trained_epochs = w.final_checkpoint, final, tcfg.epochs
     summary.train_seconds, summary.train_images_per_s = w.train_seconds, w.images_per_s
