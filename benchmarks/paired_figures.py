@@ -7,6 +7,11 @@ highest mean balanced accuracy), per fold, with the corrected 95 % interval of
 as JSON and prints a table::
 
     python benchmarks/paired_figures.py weak-nested-5x5.json weak-nested-5x5-paired.json
+
+With ``--against OLD.json`` (a comparison on the same folds, e.g. another stage one), each
+model present in both is also compared with its own row of ``OLD.json`` (``MODEL - old``)::
+
+    python benchmarks/paired_figures.py new.json new-paired.json --against old.json
 """
 
 from __future__ import annotations
@@ -47,12 +52,43 @@ def paired_figures(rows: list[dict], test_over_train: float = 0.25) -> dict:
     return out
 
 
+def paired_against(rows: list[dict], old: list[dict], test_over_train: float = 0.25) -> dict:
+    """Each model of ``rows`` minus the same model of ``old``, per fold (same folds)."""
+    before = {r["model"]: r for r in old}
+    out: dict = {}
+    for r in rows:
+        o = before.get(r["model"])
+        if o is None:
+            continue
+        if [(f["repeat"], f["fold"]) for f in r["per_fold"]] != \
+                [(f["repeat"], f["fold"]) for f in o["per_fold"]]:
+            raise SystemExit(f"{r['model']}: the two comparisons have different folds")
+        for k in METRICS:
+            d = _per_fold(r, k) - _per_fold(o, k)
+            lo, hi = corrected_interval(d, test_over_train)
+            out[f"{r['model']} - old {k}"] = {
+                "mean": float(d.mean()), "ci95_corrected": [lo, hi],
+                "won_tied_lost": [int((d > 1e-12).sum()), int((abs(d) <= 1e-12).sum()),
+                                  int((d < -1e-12).sum())]}
+    return out
+
+
 def main(argv: list[str]) -> int:
+    against = None
+    if "--against" in argv:
+        i = argv.index("--against")
+        against, argv = argv[i + 1], argv[:i] + argv[i + 2:]
     if len(argv) != 2:
         print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
         return 2
     rows = json.load(open(argv[0]))
     out = paired_figures(rows)
+    if against is not None:
+        out["against"] = {"path": against, **paired_against(rows, json.load(open(against)))}
+        for key, o in out["against"].items():
+            if key != "path":
+                print(f"{key:52s} {o['mean']:+.3f} [{o['ci95_corrected'][0]:+.3f}, "
+                      f"{o['ci95_corrected'][1]:+.3f}] {tuple(o['won_tied_lost'])}")
     with open(argv[1], "w") as f:
         json.dump(out, f, indent=1)
     best = out["best_clinical_only"]
