@@ -105,3 +105,20 @@ def test_run_requires_data(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["run", str(ROOT / "pipelines" / "default.toml"),
                                    "--artifacts", str(tmp_path)])
     assert res.exit_code == 1 and "data.path" in res.output
+
+
+def test_embed_lr_schedule_is_checked_and_changes_the_fingerprint_only_when_set() -> None:
+    from lymph.pipeline.run import _embed_settings
+
+    cfg = resolve(None, ["embed.method=weak"])
+    assert cfg["embed"]["lr_schedule"] == ""
+    plain = _embed_settings(cfg["embed"])
+    assert "lr_schedule" not in plain  # stores cached before the setting existed stay valid
+    cos = _embed_settings(resolve(None, ["embed.method=weak", "embed.lr_schedule=cosine"])["embed"])
+    assert cos == {**plain, "lr_schedule": "cosine"}
+    with pytest.raises(LymphError, match="embed.lr_schedule: expected one of"):
+        resolve(None, ["embed.lr_schedule=linear"])
+    # computed features have no training: the setting does not reach their fingerprint
+    assert _embed_settings(resolve(None, ["embed.method=morphometry",
+                                          "embed.lr_schedule=cosine"])["embed"]) == {
+        "method": "morphometry"}

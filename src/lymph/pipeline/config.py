@@ -39,6 +39,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "seed": 0,
         "device": "auto",
         "folds": 5,  # weak supervision only: K fold-safe scorers
+        "lr_schedule": "",  # "" = the method's (constant); or "cosine"
     },
     "head": {
         "pooling": "attention",
@@ -77,6 +78,7 @@ RANGES: dict[str, tuple[Any, ...]] = {
     "embed.dim": ("int", 0), "embed.epochs": ("int", 0), "embed.batch_size": ("int", 0),
     "embed.lr": ("float", 0.0), "embed.seed": ("int", 0, 2**31 - 1), "embed.folds": ("int", 2),
     "embed.device": ("choice", ("auto", "cpu", "cuda")),
+    "embed.lr_schedule": ("choice", ("", "constant", "cosine")),
     "embed.method": ("method",),  # lymph.encoder.registry (torch-free)
     "head.attention_hidden": ("int", 1), "head.mlp": ("ints", 1),
     "head.dropout": ("frac",), "head.lr": ("pos",), "head.weight_decay": ("float", 0.0),
