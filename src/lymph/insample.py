@@ -32,12 +32,12 @@ WARNING = ("IN-SAMPLE: labelled patients of this store were scored by a label-tr
            "images is optimistic and must not be reported as an estimate")
 
 
-def _components(prov: dict[str, Any]) -> list[dict[str, Any]]:
+def block_provenances(prov: dict[str, Any]) -> list[dict[str, Any]]:
     """The provenance of every feature block: the store's own, or each concat source's."""
     if prov.get("method") == "concat":
         out: list[dict[str, Any]] = []
         for src in prov.get("sources") or []:
-            out.extend(_components((src or {}).get("provenance") or {}))
+            out.extend(block_provenances((src or {}).get("provenance") or {}))
         return out
     return [prov]
 
@@ -53,7 +53,7 @@ def in_sample_reason(store: Any) -> str | None:
     if store.labelled().size == 0:
         return None
     where = str(store.path or "store")
-    for comp in _components(store.provenance or {}):
+    for comp in block_provenances(store.provenance or {}):
         if not is_label_trained(comp):
             continue
         method = comp.get("method", "?")

@@ -225,15 +225,15 @@ def run_nested(store: str | Path, images: str | Path, *, folds: int = 5, repeats
 
 def _unsupervised_store(path: str | Path, weak: Any) -> Any:
     """``--with-store PATH``: a store of the weak store's images, made without labels."""
-    from lymph.insample import _components, is_label_trained
+    from lymph.insample import block_provenances, is_label_trained
     from lymph.store import open_store
-    from lymph.store_ops import _check_same_images
+    from lymph.store_ops import check_same_images
 
     other = open_store(path)
-    trained = [c.get("method") for c in _components(other.provenance or {}) if is_label_trained(c)]
+    trained = [c.get("method") for c in block_provenances(other.provenance or {}) if is_label_trained(c)]
     if trained:
         raise LymphError(f"{path}: `with-store`: provenance 'method' {trained[0]!r} is a stage "
                          "one trained from labels; only stores made without labels (e.g. "
                          "morphometry, ae, contrastive) can join the nested weak block")
-    _check_same_images(weak, other)
+    check_same_images(weak, other)
     return other

@@ -33,7 +33,7 @@ def _columns(store: EmbeddingStore, prefix: str) -> list[str]:
     return [f"{prefix}:{c}" for c in cols]
 
 
-def _check_same_images(first: EmbeddingStore, other: EmbeddingStore) -> None:
+def check_same_images(first: EmbeddingStore, other: EmbeddingStore) -> None:
     a, b = first.path, other.path
 
     def bad(field: str, detail: str) -> LymphError:
@@ -98,7 +98,7 @@ def concat_in_memory(stores: list[EmbeddingStore], *,
 
     first = stores[0]
     for s in stores[1:]:
-        _check_same_images(first, s)
+        check_same_images(first, s)
     # prefixes already taken inside earlier concats, so new blocks never clash with them
     used: set[str] = {
         str(src.get("prefix")) for s in stores if s.provenance.get("method") == "concat"
