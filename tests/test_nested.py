@@ -265,3 +265,34 @@ def test_cli_with_store_is_checked_before_any_work(synth_cache: Path, tmp_path: 
     rows = json.loads((tmp_path / "x.json").read_text())
     assert {x["model"] for x in rows} == {"logistic", "multi-score+clinical"}
     assert all(x["store"]["with_stores"] == [str(tmp_path / "morph.h5")] for x in rows)
+
+
+def test_from_repeat_runs_the_later_repeats_exactly_as_the_whole_run(synth_cache: Path) -> None:
+    from lymph.compare import default_models, select_models
+    from lymph.data.cache import open_cache
+    from lymph.nested import nested_compare
+
+    cache = open_cache(synth_cache)
+    specs = select_models(default_models(_open_plain(cache, synth_cache.parent), optional=True)[0],
+                          "logistic,late-fusion")
+    kw = dict(folds=2, repeats=2, seed=0, inner_folds=2, config=_tiny_config())
+    whole = nested_compare(cache, specs, **kw)
+    part = nested_compare(cache, specs, from_repeat=1, **kw)
+    assert part.store_info["scorers_trained"] == 6 and part.store_info["from_repeat"] == 1
+    for m in specs:
+        later = [f for f in whole.models[m].cv.folds if f.repeat == 1]
+        assert [(f.repeat, f.fold) for f in part.models[m].cv.folds] == [(1, 0), (1, 1)]
+        for a, b in zip(later, part.models[m].cv.folds):
+            np.testing.assert_array_equal(a.test_rows, b.test_rows)
+            assert a.metrics == b.metrics  # same folds, same stage-one seeds: same numbers
+    with pytest.raises(Exception, match="from_repeat: expected an integer from 0 to 1"):
+        nested_compare(cache, specs, from_repeat=2, **kw)
+
+
+def test_cli_from_repeat_is_checked(bag_store: Path) -> None:
+    r = CliRunner().invoke(app, ["compare-baselines", "--store", str(bag_store), "--from-repeat", "1",
+                                 "--repeats", "2"])
+    assert r.exit_code == 1 and "--from-repeat: only with --nested" in r.output, r.output
+    r = CliRunner().invoke(app, ["compare-baselines", "--store", str(bag_store), "--nested",
+                                 "--images", str(bag_store), "--from-repeat", "2", "--repeats", "2"])
+    assert r.exit_code == 1 and "--from-repeat: expected an integer from 0 to 1" in r.output, r.output

@@ -535,6 +535,7 @@ def compare_baselines(
     nested: Annotated[bool, typer.Option("--nested", help="Weak stores: retrain stage one inside every outer fold on its training patients only (needs --images: the cache the store was made from; one stage-one run per fold). Writes --json only.")] = False,
     inner_folds: Annotated[int, typer.Option("--inner-folds", help="With --nested: stage one's own folds inside each outer training set.")] = 5,
     test_scoring: Annotated[str, typer.Option("--test-scoring", help="With --nested: how outer test patients are scored, final (the scorer trained on all training patients, as `predict` does) and/or fold-mean (mean of the inner fold scorers), comma-separated; fold-mean results are named MODEL@fold-mean.")] = "final",
+    from_repeat: Annotated[int, typer.Option("--from-repeat", help="With --nested: run only repeats R..repeats-1 (the same folds and stage-one seeds as the whole run), to split a long run; merge the JSON rows with benchmarks/merge_comparisons.py.")] = 0,
     with_store: Annotated[Optional[list[Path]], typer.Option("--with-store", help="With --nested: a store of the same images made without labels (e.g. morphometry; repeatable); its features join each outer fold's weak block, as `lymph store concat` would (for multi-score+clinical).")] = None,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
@@ -543,6 +544,9 @@ def compare_baselines(
     if with_store and not nested:
         raise LymphError("--with-store: only with --nested (otherwise join the stores with "
                          "`lymph store concat`)")
+    if from_repeat and not nested:
+        raise LymphError("--from-repeat: only with --nested")
+    check_options(from_repeat=(from_repeat, "int", 0, repeats - 1))
     if nested:
         from lymph.nested import parse_test_scoring
 
@@ -557,10 +561,11 @@ def compare_baselines(
         from lymph.console import progress_bar
         from lymph.nested import run_nested
 
-        with progress_bar("compare-baselines --nested", folds * repeats) as update:
+        with progress_bar("compare-baselines --nested", folds * (repeats - from_repeat)) as update:
             res, outputs = run_nested(store, images, folds=folds, repeats=repeats, seed=seed,
                                       inner_folds=inner_folds, models=models, json_path=json_out,
                                       test_scoring=scorings, with_stores=with_store or (),
+                                      from_repeat=from_repeat,
                                       progress=lambda n, d, t: update())
         print_comparison(res)
         for note in res.notes:

@@ -65,6 +65,7 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
                    seed: int = 0, inner_folds: int = 5, config: Any = None,
                    model_config: Any = None, workdir: str | Path | None = None,
                    test_scoring: tuple[str, ...] = ("final",), with_stores: Any = (),
+                   from_repeat: int = 0,
                    progress: Callable[[str, int, int], None] | None = None) -> Any:
     """Cross-validate ``models`` (``lymph.compare.ModelSpec``) with stage one (the weak
     scorer) retrained inside every outer fold; returns a
@@ -81,6 +82,10 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
     every outer fold their feature blocks join the fold's weak block (first, prefix
     ``weak``) as ``lymph store concat`` would, so that ``multi-score+clinical`` fuses the
     nested weak score with theirs.
+
+    ``from_repeat``: run only repeats ``from_repeat .. repeats - 1`` (their folds and
+    stage-one seeds are those of the whole run), so that a long run can be split and its
+    rows merged (``benchmarks/merge_comparisons.py``).
     """
     from lymph.compare import ComparisonResult, ModelResult, _params, paired_comparisons
     from lymph.encoder.weak_folds import fold_mean_features, run_weak
@@ -96,7 +101,10 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
     labels = np.asarray(cache.labels)
     if (labels >= 0).sum() == 0:
         raise LymphError(f"{cache.path}: no labelled patients (empty selection)")
-    fold_list = make_folds(labels, folds, repeats, seed)
+    if not 0 <= from_repeat < repeats:
+        raise LymphError(f"from_repeat: expected an integer from 0 to {repeats - 1} (repeats "
+                         f"{repeats}), got {from_repeat}")
+    fold_list = [f for f in make_folds(labels, folds, repeats, seed) if f[0] >= from_repeat]
     n = len(labels)
     ids = np.asarray(cache.ids, dtype=object)
     names = {(m, t): m if t == "final" else f"{m}@{t}" for m in models for t in test_scoring}
@@ -162,6 +170,7 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
                     "inner_folds": inner_folds, "test_scoring": list(test_scoring),
                     "stage_one_seconds": round(stage_one_s, 3),
                     "with_stores": [str(w.path) for w in with_stores],
+                    "from_repeat": from_repeat,
                     "scorers_trained": len(fold_list) * (inner_folds + 1)},
         ids=ids)
     res.notes.append(f"nested: stage one retrained in each of the {len(fold_list)} outer folds "
@@ -174,7 +183,7 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
 def run_nested(store: str | Path, images: str | Path, *, folds: int = 5, repeats: int = 1,
                seed: int = 0, inner_folds: int = 5, models: str | list[str] | None = None,
                json_path: str | Path | None = None, test_scoring: tuple[str, ...] = ("final",),
-               with_stores: list[str | Path] | tuple[str | Path, ...] = (),
+               with_stores: list[str | Path] | tuple[str | Path, ...] = (), from_repeat: int = 0,
                progress: Callable[[str, int, int], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """``compare-baselines --nested``: retrain the weak store's stage one (its recorded model
     and training settings) inside each outer fold, on the image cache ``images`` it was
@@ -213,7 +222,8 @@ def run_nested(store: str | Path, images: str | Path, *, folds: int = 5, repeats
     specs = select_models(specs, models)
     res = nested_compare(cache, specs, folds=folds, repeats=repeats, seed=seed,
                          inner_folds=inner_folds, config=config, model_config=model_config,
-                         test_scoring=test_scoring, with_stores=extra, progress=progress)
+                         test_scoring=test_scoring, with_stores=extra,
+                         from_repeat=from_repeat, progress=progress)
     res.notes[:0] = notes
     res.store_info.update(path=str(store), fingerprint=s.fingerprint)
     outputs: dict[str, Any] = {}
