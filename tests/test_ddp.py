@@ -19,8 +19,10 @@ from lymph.store import open_store
 
 
 def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "lymph.cli", "embed", *args]
+    # torchrun's own logs beside the test's folder, not in a /tmp/torchelastic_* it keeps
+    logs = cwd.parent / f"{cwd.name}-torchrun-logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--log-dir", str(logs),
+           "--nproc_per_node", "2", "-m", "lymph.cli", "embed", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
