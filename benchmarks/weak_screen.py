@@ -17,11 +17,13 @@ import json
 import time
 from pathlib import Path
 
-VARIANTS = {  # name: (channels, epochs, lr schedule)
-    "a": ((16, 32, 64, 64), 6, "constant"),  # the current scorer
-    "b": ((16, 32, 64, 64), 15, "cosine"),
-    "e": ((32, 64, 128, 128), 6, "constant"),
-    "f": ((32, 64, 128, 128), 15, "cosine"),
+VARIANTS = {  # name: (channels, epochs, lr schedule, target)
+    "a": ((16, 32, 64, 64), 6, "constant", "label"),  # the current scorer
+    "b": ((16, 32, 64, 64), 15, "cosine", "label"),
+    "e": ((32, 64, 128, 128), 6, "constant", "label"),
+    "f": ((32, 64, 128, 128), 15, "cosine", "label"),
+    "r": ((16, 32, 64, 64), 6, "constant", "clinical-residual"),  # (a), cells weighted by
+    # how wrong a clinical-only model is about their patient
 }
 
 
@@ -41,14 +43,15 @@ def main() -> None:
     out = Path(a.outdir)
     out.mkdir(parents=True, exist_ok=True)
     for v in a.variant:
-        channels, epochs, schedule = VARIANTS[v]
+        channels, epochs, schedule, target = VARIANTS[v]
         tcfg = default_train_config(a.seed)
         tcfg.epochs, tcfg.lr_schedule = epochs, schedule
         t0 = time.perf_counter()
         w = run_weak(cache, out / f"{v}.h5", folds=5, seed=a.seed, config=tcfg,
-                     model_config=WeakConfig(size=cache.size, channels=channels), progress=False)
+                     model_config=WeakConfig(size=cache.size, channels=channels), progress=False,
+                     target=target)
         print(json.dumps({"variant": v, "channels": list(channels), "epochs": epochs,
-                          "lr_schedule": schedule, "oof_auc_mean_prob": w.oof.get("auc_mean_prob"),
+                          "lr_schedule": schedule, "target": target, "oof_auc_mean_prob": w.oof.get("auc_mean_prob"),
                           "oof_auc_mean_logit": w.oof.get("auc_mean_logit"),
                           "train_seconds": round(w.train_seconds, 1),
                           "images_per_s": round(w.images_per_s, 1),

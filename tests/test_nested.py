@@ -296,3 +296,27 @@ def test_cli_from_repeat_is_checked(bag_store: Path) -> None:
     r = CliRunner().invoke(app, ["compare-baselines", "--store", str(bag_store), "--nested",
                                  "--images", str(bag_store), "--from-repeat", "2", "--repeats", "2"])
     assert r.exit_code == 1 and "--from-repeat: expected an integer from 0 to 1" in r.output, r.output
+
+
+def test_nested_retrains_with_the_store_s_target(synth_cache: Path, tmp_path: Path,
+                                                 monkeypatch) -> None:
+    from lymph import nested
+    from lymph.data.cache import open_cache
+    from lymph.encoder.weak_folds import run_weak
+
+    store = tmp_path / "r.h5"
+    run_weak(open_cache(synth_cache), store, folds=2, seed=0, config=_tiny_config(),
+             progress=False, target="clinical-residual")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def spy(cache, specs, **kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(nested, "nested_compare", spy)
+    with pytest.raises(Stop):
+        nested.run_nested(store, synth_cache, folds=2, inner_folds=2, models="logistic")
+    assert seen["target"] == "clinical-residual"

@@ -370,3 +370,58 @@ def test_embed_channels_reach_the_scorer_and_are_checked(synth_cache: Path, tmp_
         assert r.exit_code == 1 and msg in r.output, r.output
         assert len([ln for ln in r.output.splitlines() if ln.startswith("error:")]) == 1
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_patient_weights_keep_each_class_at_half_the_weight() -> None:
+    from lymph.encoder.weak_folds import image_targets
+
+    ptr = np.array([0, 2, 5, 6, 10])  # 4 patients: 2, 3, 1 and 4 images
+    labels = np.array([1, 0, 1, 0])
+    pats = np.arange(4)
+    rows, plain = image_targets(ptr, labels, pats)
+    _, same = image_targets(ptr, labels, pats, np.ones(4))
+    np.testing.assert_allclose(same, plain, rtol=1e-6)  # equal weights: the plain targets
+    _, t = image_targets(ptr, labels, pats, np.array([1.0, 0.5, 3.0, 0.5]))
+    w, y = t[rows, 1], t[rows, 0]
+    np.testing.assert_allclose([w[y == 1].sum(), w[y == 0].sum()], [5.0, 5.0], rtol=1e-6)
+    # within a class, a patient's images weigh in proportion to its weight
+    assert w[5] / w[0] == pytest.approx(3.0, rel=1e-6) and w[2] == pytest.approx(w[6], rel=1e-6)
+
+
+def test_residual_weights_follow_the_clinical_model_s_mistakes_and_only_its_patients() -> None:
+    from lymph.encoder.weak_folds import RESIDUAL_FLOOR, residual_weights
+
+    rng = np.random.default_rng(0)
+    n = 40
+    labels = np.repeat([0, 1], n // 2)
+    clin = np.c_[labels * 3.0 + rng.normal(0, 0.3, n), rng.normal(size=n)]
+    clin[[0, 1], 0] = 3.0  # two reactive patients that look malignant to the clinical data
+    pats = np.arange(n - 4)  # the last four are someone else's test patients
+    w = residual_weights(clin, labels, pats, seed=0)
+    assert w.shape == (n - 4,) and (w >= RESIDUAL_FLOOR).all() and (w <= 1).all()
+    assert w[0] > 0.5 and w[1] > 0.5 and w[2:].max() < 0.3 and w.min() == RESIDUAL_FLOOR
+    other = clin.copy()
+    other[-4:] = 1e3  # the held-out patients' clinical data cannot matter
+    np.testing.assert_array_equal(residual_weights(other, labels, pats, seed=0), w)
+    bad = clin.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(Exception, match="finite clinical"):
+        residual_weights(bad, labels, pats)
+
+
+def test_clinical_residual_target_is_recorded_and_checked(synth_cache: Path, tmp_path: Path) -> None:
+    from lymph.data.cache import open_cache
+    from lymph.encoder.checkpoint import load_checkpoint
+    from lymph.encoder.train import TrainConfig
+    from lymph.encoder.weak_folds import run_weak
+    from lymph.store import open_store
+
+    cache = open_cache(synth_cache)
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=1e-3, seed=0, weight_decay=1e-4)
+    out = tmp_path / "r.h5"
+    run_weak(cache, out, folds=2, seed=0, config=cfg, progress=False, target="clinical-residual")
+    assert open_store(out).provenance["weak_folds"]["target"] == "clinical-residual"
+    assert load_checkpoint(tmp_path / "r.weak-fold0.pt")["weak"]["target"] == "clinical-residual"
+    with pytest.raises(Exception, match="target: expected one of label, clinical-residual"):
+        run_weak(cache, tmp_path / "x.h5", folds=2, config=cfg, progress=False, target="residual")
+    assert not (tmp_path / "x.h5").exists()

@@ -65,7 +65,7 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
                    seed: int = 0, inner_folds: int = 5, config: Any = None,
                    model_config: Any = None, workdir: str | Path | None = None,
                    test_scoring: tuple[str, ...] = ("final",), with_stores: Any = (),
-                   from_repeat: int = 0,
+                   from_repeat: int = 0, target: str = "label",
                    progress: Callable[[str, int, int], None] | None = None) -> Any:
     """Cross-validate ``models`` (``lymph.compare.ModelSpec``) with stage one (the weak
     scorer) retrained inside every outer fold; returns a
@@ -121,7 +121,7 @@ def nested_compare(cache: Any, models: dict[str, Any], *, folds: int = 5, repeat
             t1 = time.perf_counter()
             weak = run_weak(masked_cache(cache, te), out, folds=inner_folds,
                             seed=seed + 1000 * r + k, config=config, model_config=model_config,
-                            progress=False)
+                            progress=False, target=target)
             stage_one_s += time.perf_counter() - t1
             s = open_store(out)
             seen = set((s.provenance.get("weak_folds") or {}).get("final", {}).get("train_ids", []))
@@ -223,7 +223,9 @@ def run_nested(store: str | Path, images: str | Path, *, folds: int = 5, repeats
     res = nested_compare(cache, specs, folds=folds, repeats=repeats, seed=seed,
                          inner_folds=inner_folds, config=config, model_config=model_config,
                          test_scoring=test_scoring, with_stores=extra,
-                         from_repeat=from_repeat, progress=progress)
+                         from_repeat=from_repeat,
+                         target=(prov.get("weak_folds") or {}).get("target", "label"),
+                         progress=progress)
     res.notes[:0] = notes
     res.store_info.update(path=str(store), fingerprint=s.fingerprint)
     outputs: dict[str, Any] = {}

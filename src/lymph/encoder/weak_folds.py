@@ -61,24 +61,68 @@ log = logging.getLogger("lymph")
 
 
 # ---- targets and paths ---------------------------------------------------------------------
-def image_targets(patient_ptr: np.ndarray, labels: np.ndarray,
-                  patients: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+#: what the scorer learns: ``label`` (every cell its patient's label) or
+#: ``clinical-residual`` (the same, each patient's cells weighted by how wrong a clinical-only
+#: model is about that patient: :func:`residual_weights`)
+TARGETS = ("label", "clinical-residual")
+RESIDUAL_FLOOR = 0.05  # no training patient's weight falls below this
+
+
+def image_targets(patient_ptr: np.ndarray, labels: np.ndarray, patients: np.ndarray,
+                  patient_weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(image rows of ``patients``, ``(n_images, 2)`` float32 targets: label, weight).
 
     Weights balance the classes over the training images (each class carries half of the
     total weight; mean weight 1 over the rows); images outside ``patients`` get weight 0.
+    ``patient_weight`` (one per patient of ``patients``) scales each patient's images
+    within its class before the balancing.
     """
     n_img = int(patient_ptr[-1])
     targets = np.zeros((n_img, 2), dtype=np.float32)
     rows = np.concatenate([np.arange(patient_ptr[p], patient_ptr[p + 1]) for p in patients])
-    y = np.repeat(labels[patients].astype(np.float32), np.diff(patient_ptr)[patients])
+    sizes = np.diff(patient_ptr)[patients]
+    y = np.repeat(labels[patients].astype(np.float32), sizes)
     n_pos, n = float(y.sum()), float(y.size)
     if n_pos == 0 or n_pos == n:
         raise LymphError("weak scorer: its training patients hold a single class; "
                          "use fewer --folds or more labelled patients")
     targets[rows, 0] = y
-    targets[rows, 1] = np.where(y == 1, n / (2 * n_pos), n / (2 * (n - n_pos)))
+    if patient_weight is None:
+        targets[rows, 1] = np.where(y == 1, n / (2 * n_pos), n / (2 * (n - n_pos)))
+    else:
+        w = np.repeat(np.asarray(patient_weight, dtype=np.float64), sizes)
+        for c in (0, 1):  # each class carries half of the total weight n, as above
+            m = y == c
+            w[m] *= (n / 2) / w[m].sum()
+        targets[rows, 1] = w
     return rows.astype(np.int64), targets
+
+
+def residual_weights(clinical: np.ndarray, labels: np.ndarray, patients: np.ndarray,
+                     seed: int = 0, inner_folds: int = 5) -> np.ndarray:
+    """Per patient of ``patients``: ``max(|y - p|, RESIDUAL_FLOOR)``, ``p`` the probability
+    of malignancy of a class-balanced logistic regression on the standardised clinical
+    columns, out of fold over ``inner_folds`` stratified folds of ``patients`` only (no
+    other patient's label or clinical data is used)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(clinical, dtype=np.float64)[patients]
+    y = labels[patients].astype(np.int64)
+    if x.shape[1] == 0 or not np.isfinite(x).all():
+        raise LymphError("weak scorer: target clinical-residual needs finite clinical "
+                         "features for every training patient")
+    k = min(inner_folds, int(np.bincount(y, minlength=2).min()))
+    if k < 2:
+        raise LymphError("weak scorer: target clinical-residual needs at least 2 training "
+                         "patients of each class")
+    model = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced",
+                                                               max_iter=1000))
+    p = cross_val_predict(model, x, y, cv=StratifiedKFold(k, shuffle=True, random_state=seed),
+                          method="predict_proba")[:, 1]
+    return np.maximum(np.abs(y - p), RESIDUAL_FLOOR)
 
 
 def fold_checkpoint_path(out: str | Path, k: int) -> Path:
@@ -110,13 +154,18 @@ class WeakSummary:
 
 def run_weak(cache: Any, out: str | Path, *, folds: int = 5, seed: int = 0,
              config: Any = None, model_config: WeakConfig | None = None, env: Any = None,
-             resume: bool = False, progress: bool = True) -> WeakSummary:
+             resume: bool = False, progress: bool = True, target: str = "label") -> WeakSummary:
     """Train the K fold scorers and the final scorer on ``cache``; write the store ``out``.
 
     ``config`` is a :class:`~lymph.encoder.train.TrainConfig` (default: 6 epochs, batch
     128, lr 1e-3, weight decay 1e-4); ``seed`` fixes the folds and each scorer's training.
     With ``resume`` every scorer continues from its checkpoint (finished ones are reused).
+    ``target``: one of :data:`TARGETS` (recorded in the store's ``weak_folds``, so a nested
+    run retrains the same way); the calibration always uses the plain class-balanced
+    weights.
     """
+    if target not in TARGETS:
+        raise LymphError(f"target: expected one of {', '.join(TARGETS)}, got {target!r}")
     out = Path(out)
     config = config or default_train_config(seed)
     mcfg = model_config or WeakConfig(size=cache.size)
@@ -138,11 +187,15 @@ def run_weak(cache: Any, out: str | Path, *, folds: int = 5, seed: int = 0,
             if env.is_main:
                 log.info("weak scorer %s: %d training patients", name, tr.size)
             rows, targets = image_targets(cache.patient_ptr, labels, tr)
-            extra = {"weak": {"scorer": k, "folds": folds, "seed": seed,
+            fit_targets = targets
+            if target == "clinical-residual":
+                w = residual_weights(cache.clinical()[0], labels, tr, seed=seed + 17 * (k + 1))
+                fit_targets = image_targets(cache.patient_ptr, labels, tr, w)[1]
+            extra = {"weak": {"scorer": k, "folds": folds, "seed": seed, "target": target,
                               "train_ids": [str(i) for i in ids[tr]]}}
             res = train(cache, path, method="weak", model_config=mcfg, config=config,
-                        resume=resume, env=env, progress=progress, rows=rows, targets=targets,
-                        extra=extra)
+                        resume=resume, env=env, progress=progress, rows=rows,
+                        targets=fit_targets, extra=extra)
             summary.train_seconds += res.seconds
             summary.images_trained += int(round(res.images_per_s * res.seconds))
             summary.losses[name] = res.losses
@@ -163,7 +216,7 @@ def run_weak(cache: Any, out: str | Path, *, folds: int = 5, seed: int = 0,
         summary.features = feats
         if env.is_main:
             summary.store = _write(cache, out, fold_list, scorers, feats, folds, seed, labels,
-                                   ids, sha256_file, summary)
+                                   ids, sha256_file, summary, target)
         D.barrier(env)
         return summary
     finally:
@@ -230,7 +283,8 @@ def default_train_config(seed: int = 0) -> TrainConfig:
 
 def _write(cache: Any, out: Path, fold_list: list[Any], scorers: list[tuple[int, np.ndarray, Path]],
            feats: dict[int, np.ndarray], folds: int, seed: int, labels: np.ndarray,
-           ids: np.ndarray, sha256_file: Any, summary: WeakSummary) -> Path:
+           ids: np.ndarray, sha256_file: Any, summary: WeakSummary,
+           target: str = "label") -> Path:
     ptr = cache.patient_ptr
     n_pat = len(ids)
     scorer = np.full(n_pat, -1, dtype=np.int16)
@@ -254,7 +308,7 @@ def _write(cache: Any, out: Path, fold_list: list[Any], scorers: list[tuple[int,
         "final_loss": float(ck["losses"][-1]) if ck.get("losses") else None,
         **training_processes(ck),
         "weak_folds": {
-            "k": folds, "seed": seed,
+            "k": folds, "seed": seed, "target": target,
             "test_ids": [[str(i) for i in ids[te]] for _, _, _, te in fold_list],
             "checkpoints": [{"fold": k, "path": str(p.resolve()), "sha256": sha256_file(p)}
                             for k, _, p in scorers if k >= 0],
