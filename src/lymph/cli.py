@@ -536,7 +536,7 @@ def compare_baselines(
     inner_folds: Annotated[int, typer.Option("--inner-folds", help="With --nested: stage one's own folds inside each outer training set.")] = 5,
     test_scoring: Annotated[str, typer.Option("--test-scoring", help="With --nested: how outer test patients are scored, final (the scorer trained on all training patients, as `predict` does) and/or fold-mean (mean of the inner fold scorers), comma-separated; fold-mean results are named MODEL@fold-mean.")] = "final",
     from_repeat: Annotated[int, typer.Option("--from-repeat", help="With --nested: run only repeats R..repeats-1 (the same folds and stage-one seeds as the whole run), to split a long run; merge the JSON rows with benchmarks/merge_comparisons.py.")] = 0,
-    with_store: Annotated[Optional[list[Path]], typer.Option("--with-store", help="With --nested: a store of the same images made without labels (e.g. morphometry; repeatable); its features join each outer fold's weak block, as `lymph store concat` would (for multi-score+clinical).")] = None,
+    with_store: Annotated[Optional[list[Path]], typer.Option("--with-store", metavar="<path>", help="With --nested: a store of the same images made without labels (e.g. morphometry; repeatable); its features join each outer fold's weak block, as `lymph store concat` would (for multi-score+clinical).")] = None,
 ) -> None:
     """Cross-validate the clinical, MIL, mixture-of-experts and late-fusion models on the same folds."""
     check_options(folds=(folds, "int", 2), repeats=(repeats, "int", 1), seed=(seed, "int", 0, 2**31 - 1),
