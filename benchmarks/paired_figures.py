@@ -43,13 +43,16 @@ def paired_figures(rows: list[dict], test_over_train: float = 0.25) -> dict:
             pairs.append(m[: -len("@fold-mean")])
         for ref in pairs:
             for k in METRICS:
-                d = _per_fold(r, k) - _per_fold(by[ref], k)
-                lo, hi = corrected_interval(d, test_over_train)
-                out[f"{m} - {ref} {k}"] = {
-                    "mean": float(d.mean()), "ci95_corrected": [lo, hi],
-                    "won_tied_lost": [int((d > 1e-12).sum()), int((abs(d) <= 1e-12).sum()),
-                                      int((d < -1e-12).sum())]}
+                out[f"{m} - {ref} {k}"] = _paired(r, by[ref], k, test_over_train)
     return out
+
+
+def _paired(row: dict, ref: dict, metric: str, test_over_train: float) -> dict:
+    d = _per_fold(row, metric) - _per_fold(ref, metric)
+    lo, hi = corrected_interval(d, test_over_train)
+    return {"mean": float(d.mean()), "ci95_corrected": [lo, hi],
+            "won_tied_lost": [int((d > 1e-12).sum()), int((abs(d) <= 1e-12).sum()),
+                              int((d < -1e-12).sum())]}
 
 
 def paired_against(rows: list[dict], old: list[dict], test_over_train: float = 0.25) -> dict:
@@ -64,12 +67,7 @@ def paired_against(rows: list[dict], old: list[dict], test_over_train: float = 0
                 [(f["repeat"], f["fold"]) for f in o["per_fold"]]:
             raise SystemExit(f"{r['model']}: the two comparisons have different folds")
         for k in METRICS:
-            d = _per_fold(r, k) - _per_fold(o, k)
-            lo, hi = corrected_interval(d, test_over_train)
-            out[f"{r['model']} - old {k}"] = {
-                "mean": float(d.mean()), "ci95_corrected": [lo, hi],
-                "won_tied_lost": [int((d > 1e-12).sum()), int((abs(d) <= 1e-12).sum()),
-                                  int((d < -1e-12).sum())]}
+            out[f"{r['model']} - old {k}"] = _paired(r, o, k, test_over_train)
     return out
 
 
