@@ -236,8 +236,8 @@ def _weak(c: ImageCache, out: Path, folds: int, seed: int, epochs: int | None,
         if v is not None:
             setattr(tcfg, k, v)
     w = run_weak(c, out, folds=folds, seed=seed, config=tcfg, env=env, resume=resume,
-                 progress=progress, model_config=WeakConfig(size=c.size, tta=tta,
-                                            **({"channels": tuple(channels)} if channels else {})))
+                 progress=progress, model_config=WeakConfig(
+                     size=c.size, tta=tta, **({"channels": channels} if channels else {})))
     final = w.losses.get("final", [])
     summary.checkpoint, summary.losses, summary.trained_epochs = w.final_checkpoint, final, tcfg.epochs
     summary.train_seconds, summary.train_images_per_s = w.train_seconds, w.images_per_s

@@ -56,6 +56,7 @@ from lymph.encoder.train import TrainConfig, train
 from lymph.encoder.weak_checks import comparability, oof_metrics
 from lymph.errors import LymphError
 from lymph.splits import make_folds
+from lymph.store import bag_rows
 
 log = logging.getLogger("lymph")
 
@@ -79,7 +80,7 @@ def image_targets(patient_ptr: np.ndarray, labels: np.ndarray, patients: np.ndar
     """
     n_img = int(patient_ptr[-1])
     targets = np.zeros((n_img, 2), dtype=np.float32)
-    rows = np.concatenate([np.arange(patient_ptr[p], patient_ptr[p + 1]) for p in patients])
+    rows = bag_rows(patient_ptr, patients)[0]
     sizes = np.diff(patient_ptr)[patients]
     y = np.repeat(labels[patients].astype(np.float32), sizes)
     n_pos, n = float(y.sum()), float(y.size)
