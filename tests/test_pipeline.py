@@ -101,6 +101,49 @@ def test_demo_end_to_end_and_cache_reuse(tmp_path: Path) -> None:
     assert ls.exit_code == 0 and "embed" in ls.output
 
 
+def test_embed_channels_is_checked_and_changes_the_fingerprint_only_when_set() -> None:
+    from lymph.pipeline.run import _embed_settings
+
+    plain = _embed_settings(resolve(None, ["embed.method=weak"])["embed"])
+    assert "channels" not in plain  # stores cached before the setting existed stay valid
+    wide = resolve(None, ["embed.method=weak", "embed.channels=[32, 64, 128, 128]"])
+    assert wide["embed"]["channels"] == [32, 64, 128, 128]
+    assert _embed_settings(wide["embed"]) == {**plain, "channels": [32, 64, 128, 128]}
+    for bad, msg in (("[8, 0]", "embed.channels: expected 1 to 6"),
+                     ("[1, 2, 3, 4, 5, 6, 7]", "embed.channels: expected 1 to 6"),
+                     ("[16.0, 32.0]", "embed.channels: expected a list"),
+                     ("[true]", "embed.channels: expected a list"),
+                     ("32", "embed.channels: expected a list")):
+        with pytest.raises(LymphError, match=msg):
+            resolve(None, ["embed.method=weak", f"embed.channels={bad}"])
+    with pytest.raises(LymphError, match="embed.channels: only for embed.method"):
+        resolve(None, ["embed.channels=[32, 64]"])  # the default method is ae
+
+
+def test_embed_channels_reach_the_weak_scorer(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import lymph.encoder.run
+    from lymph.pipeline.run import run_pipeline
+
+    seen: dict[str, object] = {}
+
+    def fake_embed(**kw: object) -> None:
+        seen.update(kw)
+        raise LymphError("stopped after the embed call")
+
+    monkeypatch.setattr(lymph.encoder.run, "run_embed", fake_embed)
+    sets = ["data.synth=true", "data.synth_patients=4", "data.synth_test_patients=0",
+            "data.synth_images=2:3", "data.synth_size=16", "ingest.size=16",
+            "embed.method=weak", "embed.channels=[8, 16]"]
+    with pytest.raises(LymphError, match="stopped after the embed call"):
+        run_pipeline(None, sets=sets, artifacts=tmp_path / "art", progress=False)
+    assert seen["method"] == "weak" and seen["channels"] == (8, 16)
+    seen.clear()
+    with pytest.raises(LymphError, match="stopped after the embed call"):
+        run_pipeline(None, sets=sets[:-1], artifacts=tmp_path / "art", progress=False)
+    assert seen["channels"] is None  # unset: the method's own widths
+
+
 def test_run_requires_data(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["run", str(ROOT / "pipelines" / "default.toml"),
                                    "--artifacts", str(tmp_path)])

@@ -40,6 +40,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",
         "folds": 5,  # weak supervision only: K fold-safe scorers
         "lr_schedule": "",  # "" = the method's (constant); or "cosine"
+        "channels": [],  # weak only: the cell scorer's conv widths; [] = the method's (16,32,64,64)
     },
     "head": {
         "pooling": "attention",
@@ -79,6 +80,7 @@ RANGES: dict[str, tuple[Any, ...]] = {
     "embed.lr": ("float", 0.0), "embed.seed": ("int", 0, 2**31 - 1), "embed.folds": ("int", 2),
     "embed.device": ("choice", ("auto", "cpu", "cuda")),
     "embed.lr_schedule": ("choice", ("", "constant", "cosine")),
+    "embed.channels": ("channels",),  # [] = the method's own widths
     "embed.method": ("method",),  # lymph.encoder.registry (torch-free)
     "head.attention_hidden": ("int", 1), "head.mlp": ("ints", 1),
     "head.dropout": ("frac",), "head.lr": ("pos",), "head.weight_decay": ("float", 0.0),
@@ -114,6 +116,11 @@ def check_setting(name: str, value: Any) -> None:
         check_threshold(name, value)
     elif kind == "choice":
         check_choice(name, value, b[0])
+    elif kind == "channels":
+        if value:  # [] = the method's default
+            from lymph.checks import check_channels
+
+            check_channels(name, value)
     elif kind == "method":
         from lymph.encoder.registry import check_method
 
@@ -147,7 +154,9 @@ def _coerce(key: str, default: Any, value: Any) -> Any:
         if isinstance(value, str):
             return value
     elif isinstance(default, list):
-        if isinstance(value, list) and all(isinstance(x, type(default[0])) for x in value):
+        elem = type(default[0]) if default else int  # the empty defaults are integer lists
+        if isinstance(value, list) and all(isinstance(x, elem) and not isinstance(x, bool)
+                                           for x in value):
             return value
     raise LymphError(f"{key}: expected {_type_name(default)}, got {value!r}")
 
@@ -215,6 +224,10 @@ def resolve(pipeline: str | Path | dict[str, Any] | None = None, sets: list[str]
     if data is not None:
         config["data"]["path"] = str(data)
         config["data"]["synth"] = False
+    e = config["embed"]
+    if e["channels"] and e["method"] != "weak":
+        raise LymphError(f"embed.channels: only for embed.method = \"weak\" (the cell scorer's "
+                         f"widths), not {e['method']!r}; remove it or set []")
     return config
 
 

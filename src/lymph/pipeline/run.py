@@ -82,6 +82,8 @@ def _embed_settings(e: dict[str, Any]) -> dict[str, Any]:
         s["folds"] = e["folds"]
     if e.get("lr_schedule"):  # only when set: older fingerprints stay valid
         s["lr_schedule"] = e["lr_schedule"]
+    if e.get("channels"):  # likewise
+        s["channels"] = list(e["channels"])
     if spec is not None and not spec.trainable:
         s = {"method": e["method"]}
     return s
@@ -230,7 +232,8 @@ def run_pipeline(pipeline: str | Path | dict[str, Any] | None, *, sets: list[str
         s = run_embed(out=out, images=cache_path, method=e["method"], dim=e["dim"] or None,
                       epochs=e["epochs"] or None, batch_size=e["batch_size"] or None,
                       lr=e["lr"] or None, seed=e["seed"], device=e["device"], progress=progress,
-                      lr_schedule=e["lr_schedule"] or None, **extra)
+                      lr_schedule=e["lr_schedule"] or None,
+                      channels=tuple(e["channels"]) or None, **extra)
         outs: dict[str, Any] = {"store": out}
         if s.checkpoint is not None:
             outs["encoder"] = s.checkpoint
