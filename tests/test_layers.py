@@ -195,7 +195,7 @@ def _stack() -> nn.Sequential:
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_run_sequential_fuses_conv_relu_and_computes_the_same(amp: torch.dtype | None) -> None:
-    from lymph.encoder.fastcpu.layers import _fuses_relu, run_sequential
+    from lymph.encoder.fastcpu.layers import _FUSED_BF16, _fuses_relu, run_sequential
 
     ref, fast = _stack().to(memory_format=CL), _stack().to(memory_format=CL)
     x = torch.randn(4, 3, 16, 16).contiguous(memory_format=CL)
@@ -206,6 +206,8 @@ def test_run_sequential_fuses_conv_relu_and_computes_the_same(amp: torch.dtype |
     for mod, run in ((ref, lambda m, t: m(t)), (fast, run_sequential)):
         xi = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            if amp is not None:  # fused in bf16 only where oneDNN has bf16 convolutions
+                assert _fuses_relu(fast[0], xi) == _FUSED_BF16
             y = run(mod, xi)
         y.float().square().sum().backward()
         outs.append([y.detach().float(), xi.grad] + [p.grad for p in mod.parameters()])

@@ -53,7 +53,18 @@ def _has_fused_ops() -> bool:
         return False
 
 
+def _has_bf16_convolution() -> bool:
+    """Whether oneDNN computes bf16 convolutions on this CPU (AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT); elsewhere its fused op raises, while PyTorch's own convolution still
+    runs bf16 autocast (slower, emulated), so the fused path is skipped for bf16."""
+    try:
+        return bool(_MKLDNN._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 _FUSED_OPS = torch.backends.mkldnn.is_available() and _has_fused_ops()
+_FUSED_BF16 = _FUSED_OPS and _has_bf16_convolution()
 
 
 def _autocast_operands(x: torch.Tensor, weight: torch.Tensor,
@@ -168,8 +179,9 @@ def _fuses_relu(conv: nn.Module, x: torch.Tensor) -> bool:
     if getattr(conv, "padding_mode", "zeros") != "zeros" or isinstance(conv.padding, str):
         return False
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if dtype not in (torch.float32, torch.bfloat16):
-        return False
+    if dtype not in (torch.float32, torch.bfloat16) or (dtype == torch.bfloat16
+                                                        and not _FUSED_BF16):
+        return False  # bf16 on a CPU without oneDNN bf16 (AVX2 only): PyTorch's path
     return (_FUSED_OPS and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last))
 
